@@ -6,12 +6,12 @@
 # %% auto #0
 __all__ = ['LOSSES', 'CrossEntropyLossFlat', 'BCEWithLogitsLossFlat', 'MSELossFlat', 'loss_state', 'loss_from_state']
 
-# %% ../nbs/core/01_losses.ipynb #a951dd37
+# %% ../nbs/core/01_losses.ipynb #7404651b
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# %% ../nbs/core/01_losses.ipynb #4c883708
+# %% ../nbs/core/01_losses.ipynb #8ba00c12
 class CrossEntropyLossFlat(nn.Module):
     "Cross-entropy over the class dimension `axis`, for one label per item (or per pixel)."
     def __init__(self, axis: int = -1, weight=None, ignore_index: int = -100, label_smoothing: float = 0.0):
@@ -27,7 +27,7 @@ class CrossEntropyLossFlat(nn.Module):
     def activation(self, preds): return F.softmax(preds.float(), dim=self.axis)
     def decodes(self, probs): return probs.argmax(dim=self.axis)
 
-# %% ../nbs/core/01_losses.ipynb #d33205dd
+# %% ../nbs/core/01_losses.ipynb #7712fc54
 class BCEWithLogitsLossFlat(nn.Module):
     "Binary cross-entropy on logits, for several labels per item; `decodes` keeps those above `thresh`."
     def __init__(self, thresh: float = 0.5, pos_weight=None):
@@ -41,20 +41,21 @@ class BCEWithLogitsLossFlat(nn.Module):
     def activation(self, preds): return torch.sigmoid(preds.float())
     def decodes(self, probs): return probs > self.thresh
 
-# %% ../nbs/core/01_losses.ipynb #c85e0693
+# %% ../nbs/core/01_losses.ipynb #600806ec
 class MSELossFlat(nn.Module):
     "Mean squared error for regression; predictions and targets are flattened to the same shape."
     def forward(self, preds, target): return F.mse_loss(preds.float().reshape(-1), target.float().reshape(-1))
     def activation(self, preds): return preds
     def decodes(self, preds): return preds
 
-# %% ../nbs/core/01_losses.ipynb #cffea1f4
+# %% ../nbs/core/01_losses.ipynb #186a55f0
 LOSSES = {cls.__name__: cls for cls in (CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat)}
 
 def loss_state(loss_func) -> dict:
     "A JSON-able description of one of the losses above, for `Learner.export`."
     name = type(loss_func).__name__
-    if name not in LOSSES: raise ValueError(f"{name} cannot be exported: use one of {sorted(LOSSES)} or export the weights with `learn.save`.")
+    if name not in LOSSES:
+        raise ValueError(f"{name} cannot be exported: use one of {sorted(LOSSES)}, or save the weights with `learn.save`.")
     kw = {k: getattr(loss_func, k) for k in ("axis", "ignore_index", "label_smoothing", "thresh") if hasattr(loss_func, k)}
     return {"name": name, "kwargs": kw}
 

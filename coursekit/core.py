@@ -4,23 +4,23 @@
 
 # %% auto #0
 __all__ = ['EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'free_gpu_memory', 'set_seed', 'set_cpu_threads',
-           'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
+           'Timer', 'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
 
-# %% ../nbs/core/00_core.ipynb #2964dc7a
+# %% ../nbs/core/00_core.ipynb #8d3bf7fd
 import gc, json, os, random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# %% ../nbs/core/00_core.ipynb #e90f3600
+# %% ../nbs/core/00_core.ipynb #74086011
 def default_device() -> torch.device:
     "The best device available: cuda, then mps, then cpu."
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/core/00_core.ipynb #4ab964c2
+# %% ../nbs/core/00_core.ipynb #e349c148
 def to_device(batch, device=None):
     "Move a tensor, or a tuple/list/dict of them, to `device` (default: `default_device()`)."
     device = torch.device(device) if device is not None else default_device()
@@ -30,7 +30,7 @@ def to_device(batch, device=None):
     if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
-# %% ../nbs/core/00_core.ipynb #423af398
+# %% ../nbs/core/00_core.ipynb #dd883d63
 def gpu_memory_report(device=None) -> dict:
     "Memory in use on a CUDA device, in MiB: allocated by tensors, reserved by the cache, and the peak."
     device = torch.device(device) if device is not None else default_device()
@@ -41,19 +41,19 @@ def gpu_memory_report(device=None) -> dict:
             "reserved_mib": torch.cuda.memory_reserved(device) / mib,
             "peak_mib": torch.cuda.max_memory_allocated(device) / mib}
 
-# %% ../nbs/core/00_core.ipynb #2870d373
+# %% ../nbs/core/00_core.ipynb #67a3d87b
 def free_gpu_memory():
     "Collect unreachable Python objects and give cached GPU memory back; returns the report afterwards."
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
     return gpu_memory_report()
 
-# %% ../nbs/core/00_core.ipynb #5f1c0ec1
+# %% ../nbs/core/00_core.ipynb #fee9c787
 def set_seed(seed: int = 42):
     "Seed Python, NumPy and PyTorch (every device) so that a run can be repeated."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
-# %% ../nbs/core/00_core.ipynb #1e19871f
+# %% ../nbs/core/00_core.ipynb #849bf09a
 def set_cpu_threads(n: int | None = None) -> int:
     "Use `n` threads for PyTorch's CPU kernels (default: every core this process may use); returns n."
     if n is None:
@@ -61,12 +61,22 @@ def set_cpu_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/core/00_core.ipynb #34178cf2
+# %% ../nbs/core/00_core.ipynb #cd8e646e
+import time
+
+class Timer:
+    "Context manager measuring wall-clock seconds: `with Timer() as t: ...`, then `t.seconds`."
+    def __enter__(self):
+        self.start, self.seconds = time.perf_counter(), 0.0
+        return self
+    def __exit__(self, *exc): self.seconds = time.perf_counter() - self.start
+
+# %% ../nbs/core/00_core.ipynb #00b7404b
 def is_quick() -> bool:
     "True when lessons should run in quick mode (`COURSEKIT_QUICK` set to 1/true/yes)."
     return os.environ.get("COURSEKIT_QUICK", "").strip().lower() in ("1", "true", "yes")
 
-# %% ../nbs/core/00_core.ipynb #42c4543d
+# %% ../nbs/core/00_core.ipynb #c14df1a2
 def _as_number(v):
     "A JSON-friendly number from a Python/NumPy number or a one-element tensor."
     if isinstance(v, torch.Tensor): v = v.item()
@@ -88,8 +98,8 @@ def record_metrics(**metrics) -> dict:
         os.replace(tmp, path)
     return values
 
-# %% ../nbs/core/00_core.ipynb #1e3f7b1b
-import importlib
+# %% ../nbs/core/00_core.ipynb #0a492b2e
+import importlib, re
 
 EXPORTABLE: dict = {}
 
@@ -105,13 +115,20 @@ def exportable_spec(fn, **kwargs) -> dict:
     json.dumps(kwargs)  # fail now, with the offending value, rather than at export time
     return {"builder": key, "kwargs": kwargs}
 
-def build_exportable(spec: dict):
-    "Call the registered builder named in `spec` with its arguments; only coursekit modules are imported."
-    key = spec.get("builder", "")
-    module, _, qualname = key.partition(":")
-    if not (module == "coursekit" or module.startswith("coursekit.")) or not qualname:
-        raise ValueError(f"Refusing to build {key!r}: exports may only name builders in coursekit's own modules.")
-    importlib.import_module(module)
+_MODULE_NAME = re.compile(r"coursekit(\.[A-Za-z_]\w*)*")
+_QUALNAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+def _registered_builder(key):
+    "The builder registered as `key` ('coursekit.module:qualname'), importing only that coursekit module if needed."
+    module, _, qualname = key.partition(":") if isinstance(key, str) else ("", "", "")
+    if not (_MODULE_NAME.fullmatch(module) and _QUALNAME.fullmatch(qualname)):
+        raise ValueError(f"Refusing to build {key!r}: exports may only name builders in coursekit's own modules "
+                         "('coursekit.module:name').")
+    if key not in EXPORTABLE:
+        try: importlib.import_module(module)  # registers its builders; the name cannot leave the coursekit package
+        except ModuleNotFoundError as err:
+            if err.name is None or not (module + ".").startswith(err.name + "."): raise  # a missing dependency
+            raise ValueError(f"{key!r} is not a registered builder: coursekit has no module {module}.") from err
     if key not in EXPORTABLE:
         raise ValueError(f"{key!r} is not a registered builder (is this export from a newer coursekit?).")
     fn = EXPORTABLE[key]
@@ -119,4 +136,13 @@ def build_exportable(spec: dict):
         owner = importlib.import_module(module)
         for part in qualname.split(".")[:-1]: owner = getattr(owner, part)
         fn = getattr(owner, qualname.split(".")[-1])
-    return fn(**spec.get("kwargs", {}))
+    return fn
+
+def build_exportable(spec: dict):
+    "Call the registered builder named in `spec` with its arguments; only coursekit modules are imported."
+    if not isinstance(spec, dict):
+        raise ValueError(f"An exportable spec is a dict {{'builder': ..., 'kwargs': {{...}}}}, got {type(spec).__name__}.")
+    fn, kwargs = _registered_builder(spec.get("builder")), spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"The kwargs of {spec['builder']!r} must be a dict of arguments, got {type(kwargs).__name__}.")
+    return fn(**kwargs)

@@ -6,12 +6,12 @@
 # %% auto #0
 __all__ = ['LOSSES', 'CrossEntropyLossFlat', 'BCEWithLogitsLossFlat', 'MSELossFlat', 'loss_state', 'loss_from_state']
 
-# %% ../nbs/core/01_losses.ipynb #7404651b
+# %% ../nbs/core/01_losses.ipynb #d8f440c0
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# %% ../nbs/core/01_losses.ipynb #8ba00c12
+# %% ../nbs/core/01_losses.ipynb #1b4e06d8
 class CrossEntropyLossFlat(nn.Module):
     "Cross-entropy over the class dimension `axis`, for one label per item (or per pixel)."
     def __init__(self, axis: int = -1, weight=None, ignore_index: int = -100, label_smoothing: float = 0.0):
@@ -27,7 +27,7 @@ class CrossEntropyLossFlat(nn.Module):
     def activation(self, preds): return F.softmax(preds.float(), dim=self.axis)
     def decodes(self, probs): return probs.argmax(dim=self.axis)
 
-# %% ../nbs/core/01_losses.ipynb #7712fc54
+# %% ../nbs/core/01_losses.ipynb #87b2012e
 class BCEWithLogitsLossFlat(nn.Module):
     "Binary cross-entropy on logits, for several labels per item; `decodes` keeps those above `thresh`."
     def __init__(self, thresh: float = 0.5, pos_weight=None):
@@ -41,14 +41,14 @@ class BCEWithLogitsLossFlat(nn.Module):
     def activation(self, preds): return torch.sigmoid(preds.float())
     def decodes(self, probs): return probs > self.thresh
 
-# %% ../nbs/core/01_losses.ipynb #600806ec
+# %% ../nbs/core/01_losses.ipynb #b50dd44a
 class MSELossFlat(nn.Module):
     "Mean squared error for regression; predictions and targets are flattened to the same shape."
     def forward(self, preds, target): return F.mse_loss(preds.float().reshape(-1), target.float().reshape(-1))
     def activation(self, preds): return preds
     def decodes(self, preds): return preds
 
-# %% ../nbs/core/01_losses.ipynb #186a55f0
+# %% ../nbs/core/01_losses.ipynb #136313a2
 LOSSES = {cls.__name__: cls for cls in (CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat)}
 
 def loss_state(loss_func) -> dict:
@@ -60,5 +60,10 @@ def loss_state(loss_func) -> dict:
     return {"name": name, "kwargs": kw}
 
 def loss_from_state(state: dict):
-    "Rebuild a loss from `loss_state`'s description."
-    return LOSSES[state["name"]](**state["kwargs"])
+    "Rebuild a loss from `loss_state`'s description; an unknown name or a malformed description is a ValueError."
+    if not (isinstance(state, dict) and isinstance(state.get("kwargs", {}), dict)):
+        raise ValueError(f"A loss description is {{'name': ..., 'kwargs': {{...}}}}, got {state!r:.100}")
+    name = state.get("name")
+    if not isinstance(name, str) or name not in LOSSES:
+        raise ValueError(f"Unknown loss {name!r}: coursekit can rebuild {sorted(LOSSES)}.")
+    return LOSSES[name](**state.get("kwargs", {}))

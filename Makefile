@@ -35,5 +35,7 @@ lint: install
 pytest: install
 	$(BIN)/python -m pytest -q tests
 
+# Library chapters are light: two at a time. Lessons train models: one at a time, each using both cores.
 nbtest: install
-	COURSEKIT_QUICK=1 $(BIN)/nbdev-test --do-print --timing
+	$(BIN)/nbdev-test nbs/core --do-print --timing
+	COURSEKIT_QUICK=1 $(BIN)/nbdev-test nbs/lessons --n-workers 1 --do-print --timing

@@ -6,21 +6,21 @@
 __all__ = ['EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'free_gpu_memory', 'set_seed', 'set_cpu_threads',
            'Timer', 'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
 
-# %% ../nbs/core/00_core.ipynb #8d3bf7fd
+# %% ../nbs/core/00_core.ipynb #1edad1e3
 import gc, json, os, random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# %% ../nbs/core/00_core.ipynb #74086011
+# %% ../nbs/core/00_core.ipynb #3a3f3df3
 def default_device() -> torch.device:
     "The best device available: cuda, then mps, then cpu."
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/core/00_core.ipynb #e349c148
+# %% ../nbs/core/00_core.ipynb #29da30fc
 def to_device(batch, device=None):
     "Move a tensor, or a tuple/list/dict of them, to `device` (default: `default_device()`)."
     device = torch.device(device) if device is not None else default_device()
@@ -30,7 +30,7 @@ def to_device(batch, device=None):
     if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
-# %% ../nbs/core/00_core.ipynb #dd883d63
+# %% ../nbs/core/00_core.ipynb #ca1b718c
 def gpu_memory_report(device=None) -> dict:
     "Memory in use on a CUDA device, in MiB: allocated by tensors, reserved by the cache, and the peak."
     device = torch.device(device) if device is not None else default_device()
@@ -41,19 +41,19 @@ def gpu_memory_report(device=None) -> dict:
             "reserved_mib": torch.cuda.memory_reserved(device) / mib,
             "peak_mib": torch.cuda.max_memory_allocated(device) / mib}
 
-# %% ../nbs/core/00_core.ipynb #67a3d87b
+# %% ../nbs/core/00_core.ipynb #cd6d71b6
 def free_gpu_memory():
     "Collect unreachable Python objects and give cached GPU memory back; returns the report afterwards."
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
     return gpu_memory_report()
 
-# %% ../nbs/core/00_core.ipynb #fee9c787
+# %% ../nbs/core/00_core.ipynb #1f37d716
 def set_seed(seed: int = 42):
     "Seed Python, NumPy and PyTorch (every device) so that a run can be repeated."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
-# %% ../nbs/core/00_core.ipynb #849bf09a
+# %% ../nbs/core/00_core.ipynb #3277762b
 def set_cpu_threads(n: int | None = None) -> int:
     "Use `n` threads for PyTorch's CPU kernels (default: every core this process may use); returns n."
     if n is None:
@@ -61,7 +61,7 @@ def set_cpu_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/core/00_core.ipynb #cd8e646e
+# %% ../nbs/core/00_core.ipynb #d0eb905e
 import time
 
 class Timer:
@@ -71,12 +71,12 @@ class Timer:
         return self
     def __exit__(self, *exc): self.seconds = time.perf_counter() - self.start
 
-# %% ../nbs/core/00_core.ipynb #00b7404b
+# %% ../nbs/core/00_core.ipynb #045025de
 def is_quick() -> bool:
     "True when lessons should run in quick mode (`COURSEKIT_QUICK` set to 1/true/yes)."
     return os.environ.get("COURSEKIT_QUICK", "").strip().lower() in ("1", "true", "yes")
 
-# %% ../nbs/core/00_core.ipynb #c14df1a2
+# %% ../nbs/core/00_core.ipynb #e93780cd
 def _as_number(v):
     "A JSON-friendly number from a Python/NumPy number or a one-element tensor."
     if isinstance(v, torch.Tensor): v = v.item()
@@ -98,7 +98,7 @@ def record_metrics(**metrics) -> dict:
         os.replace(tmp, path)
     return values
 
-# %% ../nbs/core/00_core.ipynb #0a492b2e
+# %% ../nbs/core/00_core.ipynb #965e8f5c
 import importlib, re
 
 EXPORTABLE: dict = {}
@@ -115,8 +115,8 @@ def exportable_spec(fn, **kwargs) -> dict:
     json.dumps(kwargs)  # fail now, with the offending value, rather than at export time
     return {"builder": key, "kwargs": kwargs}
 
-_MODULE_NAME = re.compile(r"coursekit(\.[A-Za-z_]\w*)*")
-_QUALNAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+_MODULE_NAME = re.compile(r"coursekit(\.[A-Za-z_]\w*)*", re.ASCII)
+_QUALNAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII)
 
 def _registered_builder(key):
     "The builder registered as `key` ('coursekit.module:qualname'), importing only that coursekit module if needed."

@@ -6,12 +6,12 @@
 # %% auto #0
 __all__ = ['LOSSES', 'CrossEntropyLossFlat', 'BCEWithLogitsLossFlat', 'MSELossFlat', 'loss_state', 'loss_from_state']
 
-# %% ../nbs/core/01_losses.ipynb #d8f440c0
+# %% ../nbs/core/01_losses.ipynb #f75cecfd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-# %% ../nbs/core/01_losses.ipynb #1b4e06d8
+# %% ../nbs/core/01_losses.ipynb #0aed4f04
 class CrossEntropyLossFlat(nn.Module):
     "Cross-entropy over the class dimension `axis`, for one label per item (or per pixel)."
     def __init__(self, axis: int = -1, weight=None, ignore_index: int = -100, label_smoothing: float = 0.0):
@@ -27,7 +27,7 @@ class CrossEntropyLossFlat(nn.Module):
     def activation(self, preds): return F.softmax(preds.float(), dim=self.axis)
     def decodes(self, probs): return probs.argmax(dim=self.axis)
 
-# %% ../nbs/core/01_losses.ipynb #87b2012e
+# %% ../nbs/core/01_losses.ipynb #d3b01bce
 class BCEWithLogitsLossFlat(nn.Module):
     "Binary cross-entropy on logits, for several labels per item; `decodes` keeps those above `thresh`."
     def __init__(self, thresh: float = 0.5, pos_weight=None):
@@ -41,14 +41,14 @@ class BCEWithLogitsLossFlat(nn.Module):
     def activation(self, preds): return torch.sigmoid(preds.float())
     def decodes(self, probs): return probs > self.thresh
 
-# %% ../nbs/core/01_losses.ipynb #b50dd44a
+# %% ../nbs/core/01_losses.ipynb #fb2c47bc
 class MSELossFlat(nn.Module):
     "Mean squared error for regression; predictions and targets are flattened to the same shape."
     def forward(self, preds, target): return F.mse_loss(preds.float().reshape(-1), target.float().reshape(-1))
     def activation(self, preds): return preds
     def decodes(self, preds): return preds
 
-# %% ../nbs/core/01_losses.ipynb #136313a2
+# %% ../nbs/core/01_losses.ipynb #19081e47
 LOSSES = {cls.__name__: cls for cls in (CrossEntropyLossFlat, BCEWithLogitsLossFlat, MSELossFlat)}
 
 def loss_state(loss_func) -> dict:
@@ -63,7 +63,9 @@ def loss_from_state(state: dict):
     "Rebuild a loss from `loss_state`'s description; an unknown name or a malformed description is a ValueError."
     if not (isinstance(state, dict) and isinstance(state.get("kwargs", {}), dict)):
         raise ValueError(f"A loss description is {{'name': ..., 'kwargs': {{...}}}}, got {state!r:.100}")
-    name = state.get("name")
+    name, kwargs = state.get("name"), state.get("kwargs", {})
     if not isinstance(name, str) or name not in LOSSES:
         raise ValueError(f"Unknown loss {name!r}: coursekit can rebuild {sorted(LOSSES)}.")
-    return LOSSES[name](**state.get("kwargs", {}))
+    not_numbers = {k: v for k, v in kwargs.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+    if not_numbers: raise ValueError(f"The arguments of {name} in a loss description are numbers, got {not_numbers}")
+    return LOSSES[name](**kwargs)

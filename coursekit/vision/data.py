@@ -6,9 +6,10 @@ transforms presize once (and the result can stay in memory), the GPU augments wh
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'imagenet_stats', 'get_image_files', 'load_image', 'load_mask', 'can_decode', 'MaskToLong',
            'ImageBlock', 'MaskBlock', 'Resize', 'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting',
-           'aug_transforms', 'Normalize', 'keep_decodable', 'ImageDataLoaders', 'SegmentationDataLoaders']
+           'aug_transforms', 'Normalize', 'NameLabeller', 'keep_decodable', 'ImageDataLoaders',
+           'SegmentationDataLoaders']
 
-# %% ../../nbs/core/04_vision_data.ipynb #8db53fb8
+# %% ../../nbs/core/04_vision_data.ipynb #521098f9
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,7 +29,7 @@ from ..data.core import (ColReader, ColSplitter, CategoryBlock, DataBlock, DataL
                                  Transform, TransformBlock, parent_label, show_image)
 from ..losses import CrossEntropyLossFlat
 
-# %% ../../nbs/core/04_vision_data.ipynb #45d8aa00
+# %% ../../nbs/core/04_vision_data.ipynb #ec54c58a
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = None) -> list:
@@ -45,7 +46,7 @@ def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = 
             if p.suffix.lower() in IMAGE_SUFFIXES and not hidden and p.is_file(): found.append(p)
     return sorted(found)
 
-# %% ../../nbs/core/04_vision_data.ipynb #7945b453
+# %% ../../nbs/core/04_vision_data.ipynb #bd690741
 def _to_chw(x) -> torch.Tensor:
     "A PIL image, HWC/HW array or CHW/HW tensor as a uint8 CHW tensor."
     if isinstance(x, Image.Image): x = np.asarray(x.convert("RGB"))
@@ -95,7 +96,7 @@ def can_decode(path) -> bool:
     try: load_image(path); return True
     except (RuntimeError, ValueError, OSError): return False
 
-# %% ../../nbs/core/04_vision_data.ipynb #87201b75
+# %% ../../nbs/core/04_vision_data.ipynb #e55dae8f
 @exportable
 class MaskToLong(Transform):
     "Batch transform: masks (uint8 class indices) -> int64, as losses and metrics expect."
@@ -137,7 +138,7 @@ class MaskBlock(TransformBlock):
     def loss_func(self): return CrossEntropyLossFlat(axis=1)
     def state(self): return {"codes": self.codes}
 
-# %% ../../nbs/core/04_vision_data.ipynb #c661705b
+# %% ../../nbs/core/04_vision_data.ipynb #fbbc0194
 from torchvision.transforms import InterpolationMode
 
 def _hw(size) -> tuple:
@@ -247,7 +248,7 @@ class RandomResizedCrop(Transform):
 
     def state(self): return {"size": list(self.size), "min_scale": self.min_scale, "ratio": list(self.ratio)}
 
-# %% ../../nbs/core/04_vision_data.ipynb #bc1cb75b
+# %% ../../nbs/core/04_vision_data.ipynb #243894fc
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.empty(n, device=device).uniform_(low, high) if high > low else torch.full((n,), float(low), device=device)
 
@@ -370,7 +371,7 @@ def aug_transforms(size=None, min_scale: float = 1.0, do_flip: bool = True, flip
     if max_lighting > 0: tfms.append(Lighting(max_lighting, p_lighting))
     return tfms
 
-# %% ../../nbs/core/04_vision_data.ipynb #8651002b
+# %% ../../nbs/core/04_vision_data.ipynb #72c9f193
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 @exportable
@@ -409,7 +410,13 @@ class Normalize(Transform):
 
     def state(self): return {"mean": self.mean, "std": self.std}
 
-# %% ../../nbs/core/04_vision_data.ipynb #ea5111d8
+# %% ../../nbs/core/04_vision_data.ipynb #447bad77
+class NameLabeller:
+    "Apply `labeller` to an item's file name only (`Path(item).name`), as `from_name_re` does."
+    def __init__(self, labeller: Callable): self.labeller = labeller
+    def __call__(self, o): return self.labeller(Path(o).name)
+
+# %% ../../nbs/core/04_vision_data.ipynb #fad546e6
 def keep_decodable(files: Sequence, warn: bool = True) -> list:
     "The files that `load_image` can decode; warns about (and leaves out) the others."
     files = list(files)
@@ -455,7 +462,16 @@ class ImageDataLoaders:
     def from_name_re(cls, path, fnames: Sequence, pat: str, valid_pct: float = 0.2, seed: int | None = None,
                      vocab: Sequence | None = None, item_tfms=None, batch_tfms=None, bs: int = 64, device=None,
                      num_workers: int = 0, shuffle: bool = True, cache="auto", skip_bad: bool = False) -> DataLoaders:
-        "Images `fnames`, labelled by the first group of regular expression `pat` found in each path."
+        "Images `fnames`, labelled by the first group of regular expression `pat` matched in each *file name*."
+        return cls.from_name_func(path, fnames, NameLabeller(RegexLabeller(pat)), valid_pct=valid_pct, seed=seed,
+                                  vocab=vocab, item_tfms=item_tfms, batch_tfms=batch_tfms, bs=bs, device=device,
+                                  num_workers=num_workers, shuffle=shuffle, cache=cache, skip_bad=skip_bad)
+
+    @classmethod
+    def from_path_re(cls, path, fnames: Sequence, pat: str, valid_pct: float = 0.2, seed: int | None = None,
+                     vocab: Sequence | None = None, item_tfms=None, batch_tfms=None, bs: int = 64, device=None,
+                     num_workers: int = 0, shuffle: bool = True, cache="auto", skip_bad: bool = False) -> DataLoaders:
+        "Images `fnames`, labelled by the first group of regular expression `pat` matched in each *whole path*."
         return cls.from_name_func(path, fnames, RegexLabeller(pat), valid_pct=valid_pct, seed=seed, vocab=vocab,
                                   item_tfms=item_tfms, batch_tfms=batch_tfms, bs=bs, device=device,
                                   num_workers=num_workers, shuffle=shuffle, cache=cache, skip_bad=skip_bad)

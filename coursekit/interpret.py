@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ClassificationInterpretation']
 
-# %% ../nbs/core/07_interpret.ipynb #f41bc3d6
+# %% ../nbs/core/07_interpret.ipynb #276c0224
 import math
 from pathlib import Path
 
@@ -29,8 +29,10 @@ class ClassificationInterpretation:
 
     @property
     def items(self) -> list:
-        "The items (file names, rows...) in the same order as `preds`."
-        return list(self.dl.items)
+        "The items (file names, DataFrame rows...) in the same order as `preds`."
+        items = self.dl.items
+        if hasattr(items, "iterrows"): return [row for _, row in items.iterrows()]  # a DataFrame: its rows
+        return list(items)
 
     def top_losses(self, k: int | None = None, largest: bool = True):
         "The `k` largest losses (all by default) and the indices of their items."

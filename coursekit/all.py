@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/core/99_all.ipynb #bd2e0f91
+# %% ../nbs/core/99_all.ipynb #f58c7131
 from . import core, losses, schedule, learner, interpret, widgets, tabular, collab, multilabel, segmentation
 from .data import external, core as data_core
 from .vision import data as vision_data, learner as vision_learner, utils as vision_utils, unet

@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['ClassificationInterpretation']
 
-# %% ../nbs/core/07_interpret.ipynb #276c0224
+# %% ../nbs/core/07_interpret.ipynb #08c51fc7
 import math
 from pathlib import Path
 

@@ -4,23 +4,23 @@
 
 # %% auto #0
 __all__ = ['EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'free_gpu_memory', 'set_seed', 'set_cpu_threads',
-           'Timer', 'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
+           'Timer', 'atomic_write', 'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
 
-# %% ../nbs/core/00_core.ipynb #1edad1e3
+# %% ../nbs/core/00_core.ipynb #06eb095d
 import gc, json, os, random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# %% ../nbs/core/00_core.ipynb #3a3f3df3
+# %% ../nbs/core/00_core.ipynb #c54d7782
 def default_device() -> torch.device:
     "The best device available: cuda, then mps, then cpu."
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/core/00_core.ipynb #29da30fc
+# %% ../nbs/core/00_core.ipynb #afc75944
 def to_device(batch, device=None):
     "Move a tensor, or a tuple/list/dict of them, to `device` (default: `default_device()`)."
     device = torch.device(device) if device is not None else default_device()
@@ -30,7 +30,7 @@ def to_device(batch, device=None):
     if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
-# %% ../nbs/core/00_core.ipynb #ca1b718c
+# %% ../nbs/core/00_core.ipynb #302f3ff5
 def gpu_memory_report(device=None) -> dict:
     "Memory in use on a CUDA device, in MiB: allocated by tensors, reserved by the cache, and the peak."
     device = torch.device(device) if device is not None else default_device()
@@ -41,19 +41,19 @@ def gpu_memory_report(device=None) -> dict:
             "reserved_mib": torch.cuda.memory_reserved(device) / mib,
             "peak_mib": torch.cuda.max_memory_allocated(device) / mib}
 
-# %% ../nbs/core/00_core.ipynb #cd6d71b6
+# %% ../nbs/core/00_core.ipynb #9b0774cd
 def free_gpu_memory():
     "Collect unreachable Python objects and give cached GPU memory back; returns the report afterwards."
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
     return gpu_memory_report()
 
-# %% ../nbs/core/00_core.ipynb #1f37d716
+# %% ../nbs/core/00_core.ipynb #5f9bb27c
 def set_seed(seed: int = 42):
     "Seed Python, NumPy and PyTorch (every device) so that a run can be repeated."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
-# %% ../nbs/core/00_core.ipynb #3277762b
+# %% ../nbs/core/00_core.ipynb #4d85445a
 def set_cpu_threads(n: int | None = None) -> int:
     "Use `n` threads for PyTorch's CPU kernels (default: every core this process may use); returns n."
     if n is None:
@@ -61,7 +61,7 @@ def set_cpu_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/core/00_core.ipynb #d0eb905e
+# %% ../nbs/core/00_core.ipynb #514c5e24
 import time
 
 class Timer:
@@ -71,12 +71,32 @@ class Timer:
         return self
     def __exit__(self, *exc): self.seconds = time.perf_counter() - self.start
 
-# %% ../nbs/core/00_core.ipynb #045025de
+# %% ../nbs/core/00_core.ipynb #25cfbbc0
+import uuid
+
+def atomic_write(file, write) -> Path:
+    "Call `write(f)` on a binary temporary file beside `file`, then rename it to `file` in one step; returns `file`."
+    file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
+    old_mode = file.stat().st_mode & 0o7777 if file.is_file() else None
+    tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        if old_mode is not None: os.chmod(tmp, old_mode)   # a replaced file keeps its permissions
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush(); os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
+        os.replace(tmp, file)
+    except BaseException:
+        if os.path.exists(tmp): os.remove(tmp)
+        raise
+    return file
+
+# %% ../nbs/core/00_core.ipynb #419ccc08
 def is_quick() -> bool:
     "True when lessons should run in quick mode (`COURSEKIT_QUICK` set to 1/true/yes)."
     return os.environ.get("COURSEKIT_QUICK", "").strip().lower() in ("1", "true", "yes")
 
-# %% ../nbs/core/00_core.ipynb #e93780cd
+# %% ../nbs/core/00_core.ipynb #ef49f4b1
 def _as_number(v):
     "A JSON-friendly number from a Python/NumPy number or a one-element tensor."
     if isinstance(v, torch.Tensor): v = v.item()
@@ -93,12 +113,10 @@ def record_metrics(**metrics) -> dict:
         path = Path(fname)
         current = json.loads(path.read_text()) if path.exists() and path.stat().st_size else {}
         current.update(values)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(current, indent=1))
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(current, indent=1).encode()))
     return values
 
-# %% ../nbs/core/00_core.ipynb #965e8f5c
+# %% ../nbs/core/00_core.ipynb #30889dd1
 import importlib, re
 
 EXPORTABLE: dict = {}

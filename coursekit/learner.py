@@ -8,14 +8,12 @@ __all__ = ['EVENTS', 'BN_TYPES', 'CancelBatchException', 'CancelEpochException',
            'error_rate', 'AvgMetric', 'AccumMetric', 'trainable_params', 'Recorder', 'ProgressCallback',
            'ParamScheduler', 'minimum', 'steep', 'valley', 'LRFinder', 'Learner', 'load_learner', 'simple_mlp']
 
-# %% ../nbs/core/06_learner.ipynb #f097bcd5
+# %% ../nbs/core/06_learner.ipynb #aeb9fe1a
 import copy
 import json
 import math
-import os
 import pickle
 import time
-import uuid
 import warnings
 import zipfile
 from collections import namedtuple
@@ -27,12 +25,12 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from .core import build_exportable, default_device, exportable
+from .core import atomic_write, build_exportable, default_device, exportable
 from .data.core import DataLoaders
 from .losses import loss_from_state, loss_state
 from .schedule import one_cycle_schedules, sched_exp
 
-# %% ../nbs/core/06_learner.ipynb #3571550e
+# %% ../nbs/core/06_learner.ipynb #8a6356dd
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
           "before_backward", "after_backward", "before_step", "after_step", "after_batch", "after_train",
           "before_validate", "after_validate", "after_epoch", "after_fit")
@@ -46,7 +44,7 @@ class CancelEpochException(Exception):
 class CancelFitException(Exception):
     "Raised by a callback to stop training (`after_fit` still runs)."
 
-# %% ../nbs/core/06_learner.ipynb #1c688d27
+# %% ../nbs/core/06_learner.ipynb #4963949c
 class Callback:
     "Base class for callbacks: override the events you need; each receives the learner. Lower `order` runs first."
     order = 0
@@ -67,7 +65,7 @@ class Callback:
     def after_epoch(self, learn): "At the end of each epoch."
     def after_fit(self, learn): "Once, at the end of training, even after an error or an interruption."
 
-# %% ../nbs/core/06_learner.ipynb #038b1a31
+# %% ../nbs/core/06_learner.ipynb #26b59167
 def accuracy(preds, targs, axis: int = -1):
     "Fraction of items whose highest-scoring class (along `axis`) is the target."
     return (preds.argmax(dim=axis) == targs).float().mean()
@@ -76,7 +74,7 @@ def error_rate(preds, targs, axis: int = -1):
     "Fraction of items whose highest-scoring class is wrong: `1 - accuracy`."
     return 1 - accuracy(preds, targs, axis=axis)
 
-# %% ../nbs/core/06_learner.ipynb #37df94c9
+# %% ../nbs/core/06_learner.ipynb #ec6aa1d3
 def _batch_size(learn) -> int:
     "Items in the current batch."
     return len(learn.yb[0]) if learn.yb else len(learn.xb[0])
@@ -118,14 +116,14 @@ class AccumMetric:
         if self.dim_argmax is not None: preds = preds.argmax(dim=self.dim_argmax)
         return float(self.func(preds, torch.cat(self.targs)))
 
-# %% ../nbs/core/06_learner.ipynb #c630218c
+# %% ../nbs/core/06_learner.ipynb #f5c97d8d
 def trainable_params(model: nn.Module) -> list:
     "The default splitter: one group with every parameter that requires a gradient."
     return [[p for p in model.parameters() if p.requires_grad]]
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-# %% ../nbs/core/06_learner.ipynb #033bd382
+# %% ../nbs/core/06_learner.ipynb #2540ecb5
 def _momentum(group: dict) -> float:
     "The momentum of a parameter group: Adam's beta1, or SGD's momentum."
     return group["betas"][0] if "betas" in group else group.get("momentum", 0.)
@@ -203,7 +201,7 @@ class Recorder(Callback):
         axs[1].plot(self.moms); axs[1].set_title("momentum"); axs[1].set_xlabel("batch")
         return axs
 
-# %% ../nbs/core/06_learner.ipynb #ce704432
+# %% ../nbs/core/06_learner.ipynb #d3df8f0e
 def _in_notebook() -> bool:
     "True inside a Jupyter kernel (where widgets and HTML display work)."
     try: from IPython import get_ipython
@@ -266,7 +264,7 @@ class ProgressCallback(Callback):
     def _close_bar(self):
         if self.bar is not None: self.bar.close(); self.bar = None
 
-# %% ../nbs/core/06_learner.ipynb #b7bca2ce
+# %% ../nbs/core/06_learner.ipynb #e70f8096
 class ParamScheduler(Callback):
     "Before each training batch, sets hyper-parameters (`'lr'`, `'mom'`, `'wd'`) from functions of `learn.pct_train`."
     order = 10
@@ -275,7 +273,7 @@ class ParamScheduler(Callback):
         if not learn.training: return
         for name, schedule in self.scheds.items(): learn.set_hyper(name, schedule(learn.pct_train))
 
-# %% ../nbs/core/06_learner.ipynb #3bd2d687
+# %% ../nbs/core/06_learner.ipynb #509818dd
 def minimum(lrs, losses):
     "Suggestion: a tenth of the learning rate with the lowest loss; returns `(lr, point to mark)`."
     i = int(np.argmin(losses))
@@ -348,7 +346,7 @@ class LRFinder(Callback):
         ax.set_xlabel("learning rate (log scale)"); ax.set_ylabel("smoothed loss"); ax.legend()
         return ax
 
-# %% ../nbs/core/06_learner.ipynb #fbc2fa77
+# %% ../nbs/core/06_learner.ipynb #b0720503
 _warned_cpu_fp16 = False
 
 class Learner:
@@ -651,7 +649,7 @@ class Learner:
         file = self.path / self.model_dir / f"{name}.pth"
         state = {"model": self.model.state_dict()}
         if with_opt and self.opt is not None: state["opt"] = self.opt.state_dict()
-        _atomic_write(file, lambda f: torch.save(state, f))
+        atomic_write(file, lambda f: torch.save(state, f))
         return file
 
     def load(self, name: str, with_opt: bool = True):
@@ -681,23 +679,8 @@ class Learner:
             with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
                 for member, data in members.items(): z.writestr(member, data)
         file = self.path / fname
-        _atomic_write(file, write)
+        atomic_write(file, write)
         return file
-
-def _atomic_write(file: Path, write):
-    "Call `write(tmp_file)` on a temporary file beside `file`, then rename it to `file` (never a half-written file)."
-    file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:12]}.tmp")
-    # mode 0o666 minus the umask, as `open(file, "wb")` would give (tempfile.mkstemp would give 0o600)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush(); os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
-        os.replace(tmp, file)
-    except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
-        raise
 
 _UNPICKLE_HINT = ("It holds Python objects besides tensors, and coursekit refuses to unpickle them: unpickling can run "
                   "any code (do not pass weights_only=False for a file you did not make yourself). A checkpoint that "
@@ -737,7 +720,7 @@ def _check_weights_fit(model: nn.Module, weights: dict, file: Path):
     problems = _weight_problems(model, weights)
     if problems: raise RuntimeError(f"The weights in {file} do not fit this model ({type(model).__name__}): {_listing(problems)}")
 
-# %% ../nbs/core/06_learner.ipynb #6035dccd
+# %% ../nbs/core/06_learner.ipynb #de187190
 _EXPORT_MEMBERS = ("model.safetensors", "model.json", "data.json", "learner.json")
 _PRECISIONS = ("fp32", "fp16", "bf16")
 
@@ -795,7 +778,7 @@ def load_learner(fname, device=None) -> Learner:
     {"fp16": learn.to_fp16, "bf16": learn.to_bf16, "fp32": learn.to_fp32}[precision]()
     return learn
 
-# %% ../nbs/core/06_learner.ipynb #7b3facd2
+# %% ../nbs/core/06_learner.ipynb #039d1818
 @exportable
 def simple_mlp(n_in: int, n_out: int, hidden: list = (32,), bn: bool = False) -> nn.Sequential:
     "A multi-layer perceptron: Linear (+ BatchNorm) + ReLU for each hidden size, then a Linear to `n_out`."

@@ -7,11 +7,10 @@ file uses, so that nothing a learner collected is ever deleted outright."""
 __all__ = ['TRASH_FOLDER', 'atomic_write_bytes', 'unique_path', 'move_no_overwrite', 'TrashJournal', 'image_problem',
            'ImageCheck', 'verify_images', 'url_file_stem', 'Downloads', 'download_images']
 
-# %% ../../nbs/core/08_vision_utils.ipynb #231fe28d
+# %% ../../nbs/core/08_vision_utils.ipynb #4638db71
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import time
 import urllib.error
@@ -25,24 +24,15 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..core import atomic_write
 from .data import IMAGE_SUFFIXES, get_image_files
 
-# %% ../../nbs/core/08_vision_utils.ipynb #0c9292ae
+# %% ../../nbs/core/08_vision_utils.ipynb #167556be
 TRASH_FOLDER = ".trash"
 
 def atomic_write_bytes(path, data: bytes) -> Path:
-    "Write `data` to `path` through a temporary file in the same folder and an atomic rename."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    "Write `data` to `path` with `atomic_write`: the old file stays whole until the new one is on disk."
+    return atomic_write(path, lambda f: f.write(data))
 
 def unique_path(path) -> Path:
     "`path` if nothing is there, else the first free `stem_1.ext`, `stem_2.ext`, ... beside it."
@@ -68,7 +58,7 @@ def move_no_overwrite(src, dst) -> Path:
         os.rename(src, dst)
     return dst
 
-# %% ../../nbs/core/08_vision_utils.ipynb #3a8e28de
+# %% ../../nbs/core/08_vision_utils.ipynb #350d999e
 def _is_inside(path, root) -> bool:
     path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     return path == root or root in path.parents
@@ -140,7 +130,7 @@ class TrashJournal:
         self._append({"batch": batch, "op": "undo", "time": _now(), "restored": restored})
         return restored
 
-# %% ../../nbs/core/08_vision_utils.ipynb #fee11fcf
+# %% ../../nbs/core/08_vision_utils.ipynb #3b762c42
 _FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "GIF": (".gif",), "BMP": (".bmp",),
                       "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
 
@@ -159,7 +149,7 @@ def image_problem(path) -> str | None:
     if expected and path.suffix.lower() not in expected: return f"wrong extension: a {fmt} file named {path.suffix}"
     return None
 
-# %% ../../nbs/core/08_vision_utils.ipynb #8093307b
+# %% ../../nbs/core/08_vision_utils.ipynb #e50a38e4
 @dataclass
 class ImageCheck:
     "What `verify_images` found and did: bad files with their problem, files moved, files shrunk."
@@ -182,12 +172,7 @@ def _shrink(path, max_size: int) -> bool:
         fmt = im.format
         im.thumbnail((max_size, max_size))
         if fmt == "JPEG" and im.mode not in ("RGB", "L"): im = im.convert("RGB")
-        fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=f".{Path(path).name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            im.save(tmp, format=fmt); os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True); raise
+        atomic_write(path, lambda f: im.save(f, format=fmt))   # keeps the usual permissions, never half an image
     return True
 
 def verify_images(path_or_files, delete: bool = False, max_size: int | None = None, root=None) -> ImageCheck:
@@ -217,7 +202,7 @@ def verify_images(path_or_files, delete: bool = False, max_size: int | None = No
     print(repr(result))
     return result
 
-# %% ../../nbs/core/08_vision_utils.ipynb #b3ee3ca4
+# %% ../../nbs/core/08_vision_utils.ipynb #7b7cb41d
 _CONTENT_TYPES = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp",
                   "image/bmp": ".bmp", "image/tiff": ".tif"}
 

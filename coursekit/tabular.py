@@ -8,7 +8,7 @@ __all__ = ['DATE_PARTS', 'PROCS', 'add_datepart', 'cont_cat_split', 'FillMissing
            'TabularProcessor', 'TabularDataLoader', 'random_split_idx', 'TabularDataLoaders', 'emb_sz_rule',
            'get_emb_sz', 'embedding', 'sigmoid_range', 'SigmoidRange', 'lin_bn_drop', 'TabularModel', 'tabular_learner']
 
-# %% ../nbs/lessons/05_tabular.ipynb #a6c9e1ef
+# %% ../nbs/lessons/05_tabular.ipynb #8b8e3993
 import re
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 
 from .core import exportable, exportable_spec
 
-# %% ../nbs/lessons/05_tabular.ipynb #96c58206
+# %% ../nbs/lessons/05_tabular.ipynb #12305372
 DATE_PARTS = ["Year", "Month", "Week", "Day", "Dayofweek", "Dayofyear", "Is_month_end", "Is_month_start",
               "Is_quarter_end", "Is_quarter_start", "Is_year_end", "Is_year_start"]
 
@@ -41,7 +41,7 @@ def add_datepart(df: pd.DataFrame, field_name: str, prefix: str | None = None, d
     if drop: del df[field_name]
     return df
 
-# %% ../nbs/lessons/05_tabular.ipynb #46d8b3fb
+# %% ../nbs/lessons/05_tabular.ipynb #3ad5a1cf
 def cont_cat_split(df: pd.DataFrame, max_card: int = 20, dep_var: str | list | None = None) -> tuple[list, list]:
     "Split `df`'s columns into (continuous, categorical): floats and integers with > `max_card` values are continuous."
     skip = set([dep_var] if isinstance(dep_var, str) else (dep_var or []))
@@ -54,7 +54,7 @@ def cont_cat_split(df: pd.DataFrame, max_card: int = 20, dep_var: str | list | N
         else: cat.append(name)
     return cont, cat
 
-# %% ../nbs/lessons/05_tabular.ipynb #3773a550
+# %% ../nbs/lessons/05_tabular.ipynb #833c92ad
 class FillMissing:
     "Fill missing continuous values with the training median (or `fill_strategy`), adding `<col>_na` flags."
     order = 0
@@ -98,7 +98,7 @@ class FillMissing:
         return {"fill_strategy": self.fill_strategy, "add_col": self.add_col,
                 "fill_values": self.fill_values, "na_columns": self.na_columns}
 
-# %% ../nbs/lessons/05_tabular.ipynb #9ab6b535
+# %% ../nbs/lessons/05_tabular.ipynb #fb1bec73
 def _sorted_values(values) -> list:
     "Sort `values` naturally, or as text when they are of mixed types; numpy scalars become Python ones."
     values = [v.item() if isinstance(v, np.generic) else v for v in values]
@@ -133,7 +133,7 @@ class Categorify:
 
     def state(self): return {"vocab": self.vocab}
 
-# %% ../nbs/lessons/05_tabular.ipynb #7968d8a3
+# %% ../nbs/lessons/05_tabular.ipynb #1ac8470b
 class Standardize:
     "Rescale continuous columns to mean 0 and std 1 with the training mean and std (fastai's tabular `Normalize`)."
     order = 2
@@ -161,7 +161,7 @@ class Standardize:
 
     def state(self): return {"means": self.means, "stds": self.stds}
 
-# %% ../nbs/lessons/05_tabular.ipynb #73d1092e
+# %% ../nbs/lessons/05_tabular.ipynb #0fde039c
 import torch.utils.data as tud
 
 from .data.core import (DataLoader, DataLoaders, TransformBlock, CategoryBlock, RegressionBlock, block_spec)
@@ -174,6 +174,17 @@ def _as_frame(items) -> pd.DataFrame:
     if isinstance(items, pd.DataFrame): return items
     if isinstance(items, (dict, pd.Series)): return pd.DataFrame([items])
     return pd.DataFrame(list(items))
+
+def _check_codes(df: pd.DataFrame, cats: list, conts: list):
+    "After the procs, categories must be integer codes and continuous columns numbers: say which proc is missing."
+    not_codes = [c for c in cats if not pd.api.types.is_integer_dtype(df[c])]
+    if not_codes:
+        raise TypeError(f"Categorical column(s) {not_codes} are not integer codes (e.g. {df[not_codes[0]].iloc[0]!r}): "
+                        "add Categorify to procs, e.g. procs=[FillMissing, Categorify, Standardize].")
+    not_numbers = [c for c in conts if not pd.api.types.is_numeric_dtype(df[c])]
+    if not_numbers:
+        raise TypeError(f"Continuous column(s) {not_numbers} do not hold numbers (e.g. {df[not_numbers[0]].iloc[0]!r}): "
+                        "list them in cat_names instead, or convert them with pd.to_numeric.")
 
 class TabularProcessor:
     "Procs fit on the training rows, plus the column lists: rows -> `(x_cat, x_cont, y)` tensors and back."
@@ -194,6 +205,7 @@ class TabularProcessor:
         for p in self.procs:
             cats, conts = p.fit(df, cats, conts)
             df = p.encode(df)
+        _check_codes(df, cats, conts)
         self.all_cat_names, self.all_cont_names = cats, conts
         if self.y_names:
             y = df[self.y_names]
@@ -277,7 +289,7 @@ class TabularProcessor:
         proc.all_cat_names, proc.all_cont_names = state["all_cat_names"], state["all_cont_names"]
         return proc
 
-# %% ../nbs/lessons/05_tabular.ipynb #f4a991d8
+# %% ../nbs/lessons/05_tabular.ipynb #85d12d6e
 class TabularDataLoader(DataLoader):
     "Batches sliced from pre-encoded tensors with one tensor index per batch (no Python loop per row)."
     def __init__(self, tensors: tuple, processor: TabularProcessor, bs: int = 64, shuffle: bool = False,
@@ -318,7 +330,7 @@ class TabularDataLoader(DataLoader):
     def __repr__(self):
         return f"TabularDataLoader({len(self.dataset)} rows, bs={self.bs}, shuffle={self.shuffle}, device={self.device})"
 
-# %% ../nbs/lessons/05_tabular.ipynb #d10c1cb1
+# %% ../nbs/lessons/05_tabular.ipynb #2fcadbef
 def random_split_idx(n: int, valid_pct: float = 0.2, seed: int | None = None) -> tuple[list, list]:
     "Shuffle 0..n-1 (seeded) and take the first `valid_pct` as validation: (train_idx, valid_idx), as fastai's RandomSplitter."
     if not 0 < valid_pct < 1: raise ValueError(f"valid_pct must be between 0 and 1, got {valid_pct}")
@@ -327,7 +339,7 @@ def random_split_idx(n: int, valid_pct: float = 0.2, seed: int | None = None) ->
     cut = int(valid_pct * n)
     return order[cut:], order[:cut]
 
-# %% ../nbs/lessons/05_tabular.ipynb #f5084877
+# %% ../nbs/lessons/05_tabular.ipynb #234c3b9e
 def _display(obj):
     "Show `obj` as rich output in a notebook, as text elsewhere."
     try:
@@ -409,7 +421,7 @@ class TabularDataLoaders(DataLoaders):
 
     def __repr__(self): return f"TabularDataLoaders(train={self.train}, valid={self.valid})"
 
-# %% ../nbs/lessons/05_tabular.ipynb #37166db0
+# %% ../nbs/lessons/05_tabular.ipynb #9372189c
 def emb_sz_rule(n_cat: int) -> int:
     "Rule of thumb for the embedding size of a variable with `n_cat` categories (including `#na#`)."
     return min(600, round(1.6 * n_cat ** 0.56))
@@ -424,7 +436,7 @@ def get_emb_sz(processor: TabularProcessor, sz_dict: dict | None = None) -> list
         raise ValueError("Categorical columns need the Categorify proc: add it to procs.")
     return [(len(vocab[c]), sz_dict.get(c, emb_sz_rule(len(vocab[c])))) for c in processor.all_cat_names]
 
-# %% ../nbs/lessons/05_tabular.ipynb #43d8babb
+# %% ../nbs/lessons/05_tabular.ipynb #58155cef
 def embedding(n_categories: int, size: int) -> nn.Embedding:
     "An embedding initialised with a truncated normal of std 0.01 (fastai's init)."
     emb = nn.Embedding(n_categories, size)
@@ -449,7 +461,7 @@ def lin_bn_drop(n_in: int, n_out: int, p: float = 0.0, bn: bool = True, act: boo
     if p: layers.append(nn.Dropout(p))
     return layers
 
-# %% ../nbs/lessons/05_tabular.ipynb #e1aa1069
+# %% ../nbs/lessons/05_tabular.ipynb #aafd3cff
 @exportable
 class TabularModel(nn.Module):
     "Embeddings for categorical columns + batchnormed continuous columns -> blocks of linear/ReLU/batchnorm/dropout."
@@ -476,7 +488,7 @@ class TabularModel(nn.Module):
         if self.n_cont: parts.append(self.bn_cont(x_cont) if self.bn_cont is not None else x_cont)
         return self.layers(torch.cat(parts, 1))
 
-# %% ../nbs/lessons/05_tabular.ipynb #b6bb8e78
+# %% ../nbs/lessons/05_tabular.ipynb #08b37670
 from .learner import Learner
 
 def tabular_learner(dls: TabularDataLoaders, layers: list | None = None, emb_szs: dict | None = None,

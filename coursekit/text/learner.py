@@ -7,7 +7,7 @@ model fine-tuned on reviews, whose encoder then becomes the start of a classifie
 __all__ = ['ResetRNNCallback', 'Perplexity', 'TextLearner', 'LMLearner', 'wt103_files', 'language_model_learner',
            'text_classifier_learner', 'top_loss_reviews']
 
-# %% ../../nbs/lessons/04_imdb.ipynb #c2187e75
+# %% ../../nbs/lessons/04_imdb.ipynb #aed7f7cb
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +15,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..core import exportable_spec
-from ..learner import Callback, Learner, _atomic_write, accuracy
+from ..core import atomic_write, exportable_spec
+from ..learner import Callback, Learner, accuracy
 from .core import UNK, tokenize
 from .models import (AWD_CONFIGS, AWD_LSTM, awd_lstm_clas_split, awd_lstm_lm_split, get_language_model,
                                    get_text_classifier, load_pretrained_lm)
 
-# %% ../../nbs/lessons/04_imdb.ipynb #a1f83ce9
+# %% ../../nbs/lessons/04_imdb.ipynb #1ddfb3ef
 class ResetRNNCallback(Callback):
     "Reset the model's hidden state at the start of training and of validation in every epoch."
     order = 0
@@ -39,7 +39,7 @@ class Perplexity:
     @property
     def value(self) -> float: return float(np.exp(self.total / self.count)) if self.count else float("nan")
 
-# %% ../../nbs/lessons/04_imdb.ipynb #8606220c
+# %% ../../nbs/lessons/04_imdb.ipynb #9838aadb
 def _encoder_of(model):
     "The AWD-LSTM inside a language model (`model[0]`) or a classifier (`model[0].module`)."
     enc = model[0]
@@ -51,7 +51,7 @@ class TextLearner(Learner):
         "Save the AWD-LSTM encoder's weights to `path/model_dir/name.pth` (atomically)."
         file = self.path / self.model_dir / f"{name}.pth"
         state = _encoder_of(self.model).state_dict()
-        _atomic_write(file, lambda f: torch.save(state, f))
+        atomic_write(file, lambda f: torch.save(state, f))
         return file
 
     def load_encoder(self, name: str):
@@ -85,7 +85,7 @@ class LMLearner(TextLearner):
         self.model.reset()
         return text + " " + " ".join(vocab.itos[i] for i in new)
 
-# %% ../../nbs/lessons/04_imdb.ipynb #a5a8fe77
+# %% ../../nbs/lessons/04_imdb.ipynb #26e75689
 def _config(arch, config, default: str) -> dict:
     "The AWD-LSTM config: a dict, or a name in `AWD_CONFIGS` (default `default`)."
     if arch is not AWD_LSTM: raise ValueError(f"Only arch=AWD_LSTM is available, got {arch!r}")

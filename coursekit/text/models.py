@@ -11,7 +11,7 @@ __all__ = ['awd_lstm_lm_config', 'awd_lstm_clas_config', 'awd_lstm_small_lm_conf
            'get_text_classifier', 'awd_lstm_lm_split', 'awd_lstm_clas_split', 'load_vocab_pickle', 'match_embeddings',
            'load_pretrained_lm']
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #e53b73b0
+# %% ../../nbs/lessons/04c_text_models.ipynb #63a4adcf
 import pickle
 
 import torch
@@ -21,7 +21,7 @@ from torch.func import functional_call
 
 from ..core import exportable
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #ac8c3d10
+# %% ../../nbs/lessons/04c_text_models.ipynb #80ac83cd
 class RNNDropout(nn.Module):
     "Locked dropout: one mask per sequence, shared by every time step of a `(bs, seq_len, n)` input."
     def __init__(self, p: float = 0.5):
@@ -46,7 +46,7 @@ class EmbeddingDropout(nn.Module):
             weight = weight * mask
         return F.embedding(words, weight, self.emb.padding_idx)
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #e8bdd21f
+# %% ../../nbs/lessons/04c_text_models.ipynb #28f67e4c
 class WeightDropout(nn.Module):
     "Wrap a one-layer `nn.LSTM`: drop entries of its hidden-to-hidden matrix with probability `weight_p` at each forward pass."
     def __init__(self, module: nn.LSTM, weight_p: float, layer_name: str = "weight_hh_l0"):
@@ -65,15 +65,16 @@ class WeightDropout(nn.Module):
                 return functional_call(self.module, weights, tuple(a.float() if torch.is_tensor(a) else a for a in args))
         return functional_call(self.module, weights, args)
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #fda506c1
+# %% ../../nbs/lessons/04c_text_models.ipynb #9e558bc6
 class AWD_LSTM(nn.Module):
     "The AWD-LSTM encoder: embedding (with embedding dropout), `n_layers` LSTMs with weight dropout, locked dropout between."
     def __init__(self, vocab_sz: int, emb_sz: int, n_hid: int, n_layers: int, pad_token: int = 1,
-                 hidden_p: float = 0.2, input_p: float = 0.6, embed_p: float = 0.1, weight_p: float = 0.5):
+                 hidden_p: float = 0.2, input_p: float = 0.6, embed_p: float = 0.1, weight_p: float = 0.5,
+                 embed_init: float = 0.1):
         super().__init__()
         self.emb_sz, self.n_hid, self.n_layers, self.pad_token = emb_sz, n_hid, n_layers, pad_token
         self.encoder = nn.Embedding(vocab_sz, emb_sz, padding_idx=pad_token)
-        self.encoder.weight.data.uniform_(-0.1, 0.1)
+        self.encoder.weight.data.uniform_(-embed_init, embed_init)
         self.encoder_dp = EmbeddingDropout(self.encoder, embed_p)
         sizes = [emb_sz] + [n_hid] * (n_layers - 1) + [emb_sz]
         self.rnns = nn.ModuleList([WeightDropout(nn.LSTM(sizes[i], sizes[i + 1], 1, batch_first=True), weight_p)
@@ -97,7 +98,7 @@ class AWD_LSTM(nn.Module):
         self.hidden = new_hidden
         return out
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #ce28cd1b
+# %% ../../nbs/lessons/04c_text_models.ipynb #c0d669d4
 class LinearDecoder(nn.Module):
     "Output dropout, then a linear layer to one score per word of the vocabulary (weights tied to `tie_encoder`)."
     def __init__(self, n_out: int, n_hid: int, output_p: float = 0.1, tie_encoder: nn.Module | None = None, bias: bool = True):
@@ -121,8 +122,8 @@ awd_lstm_lm_config = dict(emb_sz=400, n_hid=1152, n_layers=3, pad_token=1, outpu
                           input_p=0.25, embed_p=0.02, weight_p=0.2, tie_weights=True, out_bias=True)
 awd_lstm_clas_config = dict(emb_sz=400, n_hid=1152, n_layers=3, pad_token=1, output_p=0.4, hidden_p=0.3,
                             input_p=0.4, embed_p=0.05, weight_p=0.5)
-awd_lstm_small_lm_config = dict(awd_lstm_lm_config, emb_sz=64, n_hid=128, n_layers=2)  # for a CPU in quick mode
-awd_lstm_small_clas_config = dict(awd_lstm_clas_config, emb_sz=64, n_hid=128, n_layers=2)
+awd_lstm_small_lm_config = dict(awd_lstm_lm_config, emb_sz=128, n_hid=256, n_layers=2, embed_init=1.0)  # for a CPU in quick mode
+awd_lstm_small_clas_config = dict(awd_lstm_clas_config, emb_sz=128, n_hid=256, n_layers=2, embed_init=1.0)
 AWD_CONFIGS = {"lm": awd_lstm_lm_config, "clas": awd_lstm_clas_config,
                "small_lm": awd_lstm_small_lm_config, "small_clas": awd_lstm_small_clas_config}
 
@@ -135,11 +136,11 @@ def get_language_model(vocab_sz: int, config: dict, drop_mult: float = 1.0) -> S
     "An AWD-LSTM language model: `SequentialRNN(AWD_LSTM, LinearDecoder)` with dropouts scaled by `drop_mult`."
     cfg = _scaled_dropouts(config, drop_mult)
     encoder = AWD_LSTM(vocab_sz, cfg["emb_sz"], cfg["n_hid"], cfg["n_layers"], cfg["pad_token"], cfg["hidden_p"],
-                       cfg["input_p"], cfg["embed_p"], cfg["weight_p"])
+                       cfg["input_p"], cfg["embed_p"], cfg["weight_p"], cfg.get("embed_init", 0.1))
     tie = encoder.encoder if cfg.get("tie_weights", True) else None
     return SequentialRNN(encoder, LinearDecoder(vocab_sz, cfg["emb_sz"], cfg["output_p"], tie, cfg.get("out_bias", True)))
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #d8655aa1
+# %% ../../nbs/lessons/04c_text_models.ipynb #45e38a24
 class SentenceEncoder(nn.Module):
     "Run an AWD-LSTM over a padded batch in chunks of `bptt`; returns outputs of the last `max_len` tokens and their pad mask."
     def __init__(self, module: AWD_LSTM, bptt: int = 72, max_len: int = 72 * 20, pad_idx: int = 1):
@@ -191,12 +192,12 @@ def get_text_classifier(vocab_sz: int, n_class: int, config: dict, drop_mult: fl
     "An AWD-LSTM classifier: `SequentialRNN(SentenceEncoder(AWD_LSTM), PoolingLinearClassifier)`."
     cfg = _scaled_dropouts(config, drop_mult)
     encoder = AWD_LSTM(vocab_sz, cfg["emb_sz"], cfg["n_hid"], cfg["n_layers"], cfg["pad_token"], cfg["hidden_p"],
-                       cfg["input_p"], cfg["embed_p"], cfg["weight_p"])
+                       cfg["input_p"], cfg["embed_p"], cfg["weight_p"], cfg.get("embed_init", 0.1))
     dims = [cfg["emb_sz"] * 3, *lin_ftrs, n_class]
     ps = [cfg["output_p"]] + [0.1] * len(lin_ftrs) if ps is None else [p * drop_mult for p in ps]
     return SequentialRNN(SentenceEncoder(encoder, bptt, max_len, cfg["pad_token"]), PoolingLinearClassifier(dims, ps))
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #4a4b4a69
+# %% ../../nbs/lessons/04c_text_models.ipynb #83f02d98
 def awd_lstm_lm_split(model: SequentialRNN) -> list:
     "Parameter groups of a language model: each LSTM layer, then embedding + decoder (tied, so together)."
     enc = model[0]
@@ -210,7 +211,7 @@ def awd_lstm_clas_split(model: SequentialRNN) -> list:
     enc = model[0].module
     return [list(enc.encoder.parameters())] + [list(rnn.parameters()) for rnn in enc.rnns] + [list(model[1].parameters())]
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #8ea63417
+# %% ../../nbs/lessons/04c_text_models.ipynb #0187cd4d
 class _StringListUnpickler(pickle.Unpickler):
     "An unpickler that refuses every global: only lists, strings and numbers can come out."
     def find_class(self, module, name):

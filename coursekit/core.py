@@ -6,21 +6,21 @@
 __all__ = ['EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'free_gpu_memory', 'set_seed', 'set_cpu_threads',
            'Timer', 'atomic_write', 'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
 
-# %% ../nbs/core/00_core.ipynb #06eb095d
+# %% ../nbs/core/00_core.ipynb #30de31a9
 import gc, json, os, random
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# %% ../nbs/core/00_core.ipynb #c54d7782
+# %% ../nbs/core/00_core.ipynb #f010f37d
 def default_device() -> torch.device:
     "The best device available: cuda, then mps, then cpu."
     if torch.cuda.is_available(): return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/core/00_core.ipynb #afc75944
+# %% ../nbs/core/00_core.ipynb #c4906d89
 def to_device(batch, device=None):
     "Move a tensor, or a tuple/list/dict of them, to `device` (default: `default_device()`)."
     device = torch.device(device) if device is not None else default_device()
@@ -30,7 +30,7 @@ def to_device(batch, device=None):
     if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
     return batch
 
-# %% ../nbs/core/00_core.ipynb #302f3ff5
+# %% ../nbs/core/00_core.ipynb #7ec22021
 def gpu_memory_report(device=None) -> dict:
     "Memory in use on a CUDA device, in MiB: allocated by tensors, reserved by the cache, and the peak."
     device = torch.device(device) if device is not None else default_device()
@@ -41,19 +41,19 @@ def gpu_memory_report(device=None) -> dict:
             "reserved_mib": torch.cuda.memory_reserved(device) / mib,
             "peak_mib": torch.cuda.max_memory_allocated(device) / mib}
 
-# %% ../nbs/core/00_core.ipynb #9b0774cd
+# %% ../nbs/core/00_core.ipynb #c9998d2c
 def free_gpu_memory():
     "Collect unreachable Python objects and give cached GPU memory back; returns the report afterwards."
     gc.collect()
     if torch.cuda.is_available(): torch.cuda.empty_cache()
     return gpu_memory_report()
 
-# %% ../nbs/core/00_core.ipynb #5f9bb27c
+# %% ../nbs/core/00_core.ipynb #b6427143
 def set_seed(seed: int = 42):
     "Seed Python, NumPy and PyTorch (every device) so that a run can be repeated."
     random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
 
-# %% ../nbs/core/00_core.ipynb #4d85445a
+# %% ../nbs/core/00_core.ipynb #d5671139
 def set_cpu_threads(n: int | None = None) -> int:
     "Use `n` threads for PyTorch's CPU kernels (default: every core this process may use); returns n."
     if n is None:
@@ -61,7 +61,7 @@ def set_cpu_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/core/00_core.ipynb #514c5e24
+# %% ../nbs/core/00_core.ipynb #a874b5c8
 import time
 
 class Timer:
@@ -71,7 +71,7 @@ class Timer:
         return self
     def __exit__(self, *exc): self.seconds = time.perf_counter() - self.start
 
-# %% ../nbs/core/00_core.ipynb #25cfbbc0
+# %% ../nbs/core/00_core.ipynb #dc6fa80b
 import uuid
 
 def atomic_write(file, write) -> Path:
@@ -81,8 +81,8 @@ def atomic_write(file, write) -> Path:
     tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
-        if old_mode is not None: os.chmod(tmp, old_mode)   # a replaced file keeps its permissions
         with os.fdopen(fd, "wb") as f:
+            if old_mode is not None: os.chmod(tmp, old_mode)   # a replaced file keeps its permissions
             write(f)
             f.flush(); os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
         os.replace(tmp, file)
@@ -91,12 +91,12 @@ def atomic_write(file, write) -> Path:
         raise
     return file
 
-# %% ../nbs/core/00_core.ipynb #419ccc08
+# %% ../nbs/core/00_core.ipynb #54aeef6f
 def is_quick() -> bool:
     "True when lessons should run in quick mode (`COURSEKIT_QUICK` set to 1/true/yes)."
     return os.environ.get("COURSEKIT_QUICK", "").strip().lower() in ("1", "true", "yes")
 
-# %% ../nbs/core/00_core.ipynb #ef49f4b1
+# %% ../nbs/core/00_core.ipynb #fb46e006
 def _as_number(v):
     "A JSON-friendly number from a Python/NumPy number or a one-element tensor."
     if isinstance(v, torch.Tensor): v = v.item()
@@ -116,7 +116,7 @@ def record_metrics(**metrics) -> dict:
         atomic_write(path, lambda f: f.write(json.dumps(current, indent=1).encode()))
     return values
 
-# %% ../nbs/core/00_core.ipynb #30889dd1
+# %% ../nbs/core/00_core.ipynb #652347fe
 import importlib, re
 
 EXPORTABLE: dict = {}

@@ -7,7 +7,7 @@ file uses, so that nothing a learner collected is ever deleted outright."""
 __all__ = ['TRASH_FOLDER', 'atomic_write_bytes', 'unique_path', 'move_no_overwrite', 'TrashJournal', 'image_problem',
            'ImageCheck', 'verify_images', 'url_file_stem', 'Downloads', 'download_images']
 
-# %% ../../nbs/core/08_vision_utils.ipynb #4638db71
+# %% ../../nbs/core/08_vision_utils.ipynb #03c6d682
 import hashlib
 import json
 import os
@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..core import atomic_write
 from .data import IMAGE_SUFFIXES, get_image_files
 
-# %% ../../nbs/core/08_vision_utils.ipynb #167556be
+# %% ../../nbs/core/08_vision_utils.ipynb #46b4818d
 TRASH_FOLDER = ".trash"
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -58,7 +58,7 @@ def move_no_overwrite(src, dst) -> Path:
         os.rename(src, dst)
     return dst
 
-# %% ../../nbs/core/08_vision_utils.ipynb #350d999e
+# %% ../../nbs/core/08_vision_utils.ipynb #60723642
 def _is_inside(path, root) -> bool:
     path, root = Path(os.path.abspath(path)), Path(os.path.abspath(root))
     return path == root or root in path.parents
@@ -130,7 +130,7 @@ class TrashJournal:
         self._append({"batch": batch, "op": "undo", "time": _now(), "restored": restored})
         return restored
 
-# %% ../../nbs/core/08_vision_utils.ipynb #3b762c42
+# %% ../../nbs/core/08_vision_utils.ipynb #828020b7
 _FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "PNG": (".png",), "GIF": (".gif",), "BMP": (".bmp",),
                       "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
 
@@ -149,7 +149,7 @@ def image_problem(path) -> str | None:
     if expected and path.suffix.lower() not in expected: return f"wrong extension: a {fmt} file named {path.suffix}"
     return None
 
-# %% ../../nbs/core/08_vision_utils.ipynb #e50a38e4
+# %% ../../nbs/core/08_vision_utils.ipynb #dbe4d504
 @dataclass
 class ImageCheck:
     "What `verify_images` found and did: bad files with their problem, files moved, files shrunk."
@@ -172,7 +172,7 @@ def _shrink(path, max_size: int) -> bool:
         fmt = im.format
         im.thumbnail((max_size, max_size))
         if fmt == "JPEG" and im.mode not in ("RGB", "L"): im = im.convert("RGB")
-        atomic_write(path, lambda f: im.save(f, format=fmt))   # keeps the usual permissions, never half an image
+        atomic_write(path, lambda f: im.save(f, format=fmt))   # keeps the file's permissions, never half an image
     return True
 
 def verify_images(path_or_files, delete: bool = False, max_size: int | None = None, root=None) -> ImageCheck:
@@ -202,7 +202,7 @@ def verify_images(path_or_files, delete: bool = False, max_size: int | None = No
     print(repr(result))
     return result
 
-# %% ../../nbs/core/08_vision_utils.ipynb #7b7cb41d
+# %% ../../nbs/core/08_vision_utils.ipynb #7f83b52b
 _CONTENT_TYPES = {"image/jpeg": ".jpg", "image/png": ".png", "image/gif": ".gif", "image/webp": ".webp",
                   "image/bmp": ".bmp", "image/tiff": ".tif"}
 

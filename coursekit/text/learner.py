@@ -7,7 +7,7 @@ model fine-tuned on reviews, whose encoder then becomes the start of a classifie
 __all__ = ['ResetRNNCallback', 'Perplexity', 'TextLearner', 'LMLearner', 'wt103_files', 'language_model_learner',
            'text_classifier_learner', 'top_loss_reviews']
 
-# %% ../../nbs/lessons/04_imdb.ipynb #2b0469c5
+# %% ../../nbs/lessons/04_imdb.ipynb #2539fb15
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from .core import UNK, tokenize
 from .models import (AWD_CONFIGS, AWD_LSTM, awd_lstm_clas_split, awd_lstm_lm_split, get_language_model,
                                    get_text_classifier, load_pretrained_lm)
 
-# %% ../../nbs/lessons/04_imdb.ipynb #f0bae6ac
+# %% ../../nbs/lessons/04_imdb.ipynb #30943c50
 class ResetRNNCallback(Callback):
     "Reset the model's hidden state at the start of training and of validation in every epoch."
     order = 0
@@ -39,7 +39,7 @@ class Perplexity:
     @property
     def value(self) -> float: return float(np.exp(self.total / self.count)) if self.count else float("nan")
 
-# %% ../../nbs/lessons/04_imdb.ipynb #e0ec97a0
+# %% ../../nbs/lessons/04_imdb.ipynb #cdadcdd6
 def _encoder_of(model):
     "The AWD-LSTM inside a language model (`model[0]`) or a classifier (`model[0].module`)."
     enc = model[0]
@@ -85,7 +85,7 @@ class LMLearner(TextLearner):
         self.model.reset()
         return text + " " + " ".join(vocab.itos[i] for i in new)
 
-# %% ../../nbs/lessons/04_imdb.ipynb #18cd6229
+# %% ../../nbs/lessons/04_imdb.ipynb #0275cd71
 def _config(arch, config, default: str) -> dict:
     "The AWD-LSTM config: a dict, or a name in `AWD_CONFIGS` (default `default`)."
     if arch is not AWD_LSTM: raise ValueError(f"Only arch=AWD_LSTM is available, got {arch!r}")

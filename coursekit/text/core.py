@@ -9,7 +9,7 @@ __all__ = ['UNK', 'PAD', 'BOS', 'EOS', 'FLD', 'TK_REP', 'TK_WREP', 'TK_UP', 'TK_
            'replace_all_caps', 'replace_maj', 'lowercase', 'apply_rules', 'split_words', 'tokenize', 'corpus_key',
            'default_token_cache', 'tokenize_texts', 'Vocab']
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #f14c3fad
+# %% ../../nbs/lessons/04a_text_core.ipynb #55fd4dda
 import hashlib, html, os, re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -19,12 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #763c7eff
+from ..core import atomic_write
+
+# %% ../../nbs/lessons/04a_text_core.ipynb #96815c33
 UNK, PAD, BOS, EOS, FLD, TK_REP, TK_WREP, TK_UP, TK_MAJ = (
     "xxunk", "xxpad", "xxbos", "xxeos", "xxfld", "xxrep", "xxwrep", "xxup", "xxmaj")
 SPECIAL_TOKENS = [UNK, PAD, BOS, EOS, FLD, TK_REP, TK_WREP, TK_UP, TK_MAJ]
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #9bc6c101
+# %% ../../nbs/lessons/04a_text_core.ipynb #9960b0d3
 _re_spaces = re.compile(r"  +")
 _re_br = re.compile(r"<\s*br\s*/?\s*>", re.IGNORECASE)
 _re_rep = re.compile(r"(\S)(\1{3,})")
@@ -72,7 +74,7 @@ def lowercase(t: str) -> str:
     "Lower-case everything and start the text with `xxbos`."
     return f"{BOS} " + t.lower().strip()
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #3909a5ac
+# %% ../../nbs/lessons/04a_text_core.ipynb #a9350415
 RULES = {f.__name__: f for f in
          (fix_html, replace_rep, replace_wrep, spec_add_spaces, rm_useless_spaces, replace_all_caps, replace_maj, lowercase)}
 DEFAULT_RULES = list(RULES)
@@ -84,7 +86,7 @@ def apply_rules(t: str, rules=None) -> str:
         t = RULES[name](t)
     return t
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #19fc7e57
+# %% ../../nbs/lessons/04a_text_core.ipynb #27611075
 _re_tok = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]", re.IGNORECASE)
 
 def split_words(t: str) -> list[str]:
@@ -95,7 +97,7 @@ def tokenize(t: str, rules=None) -> list[str]:
     "The tokens of one text: the rules, then `split_words`."
     return split_words(apply_rules(t, rules))
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #0b951862
+# %% ../../nbs/lessons/04a_text_core.ipynb #88f73ba2
 TOKENIZER_VERSION = "re-words-1"
 
 def _tokenize_chunk(args) -> list[str]:
@@ -123,11 +125,7 @@ def tokenize_texts(texts, rules=None, n_workers: int | None = None, cache_dir=No
         docs = fname.read_text(encoding="utf-8").split("\n")
         if len(docs) == len(texts): return docs
     docs = _tokenize_parallel(texts, rules, n_workers)
-    if use_cache:
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = fname.with_name(fname.name + f".{os.getpid()}.tmp")
-        tmp.write_text("\n".join(docs), encoding="utf-8")
-        os.replace(tmp, fname)
+    if use_cache: atomic_write(fname, lambda f: f.write("\n".join(docs).encode("utf-8")))
     return docs
 
 def _tokenize_parallel(texts, rules, n_workers):
@@ -139,7 +137,7 @@ def _tokenize_parallel(texts, rules, n_workers):
     with ProcessPoolExecutor(n_workers, mp_context=get_context("fork")) as pool:
         return [doc for part in pool.map(_tokenize_chunk, chunks) for doc in part]
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #55ddfb98
+# %% ../../nbs/lessons/04a_text_core.ipynb #57709d98
 class Vocab:
     "The list of known tokens (`itos`) and its inverse (`stoi`); unknown tokens map to `xxunk` (index 0)."
     def __init__(self, itos: list[str]):

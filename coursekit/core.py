@@ -4,14 +4,17 @@
 
 # %% auto #0
 __all__ = ['EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'free_gpu_memory', 'set_seed', 'set_cpu_threads',
-           'Timer', 'atomic_write', 'is_quick', 'record_metrics', 'exportable', 'exportable_spec', 'build_exportable']
+           'Timer', 'atomic_write', 'in_notebook', 'display_or_print', 'is_quick', 'record_metrics', 'exportable',
+           'exportable_spec', 'build_exportable']
 
 # %% ../nbs/core/00_core.ipynb #30de31a9
-import gc, json, os, random
+import gc, importlib, json, os, random, re, time, uuid
 from pathlib import Path
 
 import numpy as np
 import torch
+from IPython import get_ipython
+from IPython.display import display
 
 # %% ../nbs/core/00_core.ipynb #f010f37d
 def default_device() -> torch.device:
@@ -62,8 +65,6 @@ def set_cpu_threads(n: int | None = None) -> int:
     return n
 
 # %% ../nbs/core/00_core.ipynb #a874b5c8
-import time
-
 class Timer:
     "Context manager measuring wall-clock seconds: `with Timer() as t: ...`, then `t.seconds`."
     def __enter__(self):
@@ -72,8 +73,6 @@ class Timer:
     def __exit__(self, *exc): self.seconds = time.perf_counter() - self.start
 
 # %% ../nbs/core/00_core.ipynb #dc6fa80b
-import uuid
-
 def atomic_write(file, write) -> Path:
     "Call `write(f)` on a binary temporary file beside `file`, then rename it to `file` in one step; returns `file`."
     file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
@@ -90,6 +89,19 @@ def atomic_write(file, write) -> Path:
         if os.path.exists(tmp): os.remove(tmp)
         raise
     return file
+
+# %% ../nbs/core/00_core.ipynb #19985e60
+def in_notebook() -> bool:
+    "True inside a Jupyter kernel (where widgets and HTML display work), False in a terminal, script or test."
+    shell = get_ipython()
+    return shell is not None and type(shell).__name__ == "ZMQInteractiveShell"
+
+def display_or_print(obj):
+    "Show `obj` as rich output (a table, a figure) in a notebook; print it as text anywhere else."
+    if in_notebook():
+        display(obj)
+    else:
+        print(obj)
 
 # %% ../nbs/core/00_core.ipynb #54aeef6f
 def is_quick() -> bool:
@@ -117,8 +129,6 @@ def record_metrics(**metrics) -> dict:
     return values
 
 # %% ../nbs/core/00_core.ipynb #652347fe
-import importlib, re
-
 EXPORTABLE: dict = {}
 
 def exportable(fn):

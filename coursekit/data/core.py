@@ -10,7 +10,7 @@ __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms'
            'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label', 'RegexLabeller',
            'ColReader', 'Datasets', 'DataBlock']
 
-# %% ../../nbs/core/03_data_core.ipynb #2f22c2ca
+# %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch.utils.data as tud
 from ..core import default_device, exportable, exportable_spec, build_exportable
 from ..losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 
-# %% ../../nbs/core/03_data_core.ipynb #6d5f7145
+# %% ../../nbs/core/03_data_core.ipynb #bf4afaff
 class Transform:
     "Base class of item and batch transforms: `tfm(sample, kinds, training)` returns the transformed tuple."
     train_only = False  # augmentation: only the training loader applies it
@@ -65,7 +65,7 @@ def sort_transforms(tfms) -> list:
                             "(plain functions cannot be exported with a model).")
     return sorted(tfms, key=lambda tfm: tfm.order)
 
-# %% ../../nbs/core/03_data_core.ipynb #efee8c47
+# %% ../../nbs/core/03_data_core.ipynb #35f7e005
 @exportable
 class IntToFloat(Transform):
     "Batch transform: integer images (and integer 'tensor' inputs) -> floats divided by `div` (255: into [0, 1])."
@@ -82,7 +82,7 @@ class IntToFloat(Transform):
 def _is_integer(x) -> bool:
     return isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool
 
-# %% ../../nbs/core/03_data_core.ipynb #538a2e23
+# %% ../../nbs/core/03_data_core.ipynb #6e2d8075
 @exportable
 class TransformBlock:
     "A block for values that are already tensors or numbers: encoded as tensors, no vocabulary."
@@ -137,7 +137,7 @@ def block_spec(block) -> dict:
     "The export description of a block."
     return exportable_spec(type(block), **block.state())
 
-# %% ../../nbs/core/03_data_core.ipynb #9f1fc9c4
+# %% ../../nbs/core/03_data_core.ipynb #ee313991
 def show_image(t: torch.Tensor, ax, alpha=None, cmap=None):
     "Draw an image tensor (CHW or HW; uint8, or float in [0, 1]) on a matplotlib axis, without ticks."
     t = t.detach().cpu()
@@ -151,7 +151,7 @@ def show_image(t: torch.Tensor, ax, alpha=None, cmap=None):
     ax.set_xticks([])
     ax.set_yticks([])
 
-# %% ../../nbs/core/03_data_core.ipynb #db2e543d
+# %% ../../nbs/core/03_data_core.ipynb #25017aaa
 class Categorize:
     "Map labels to indices in a sorted `vocab`, and back."
     def __init__(self, vocab: Sequence):
@@ -178,7 +178,7 @@ def sorted_vocab(values) -> list:
     except TypeError:
         return sorted(distinct, key=str)
 
-# %% ../../nbs/core/03_data_core.ipynb #27718751
+# %% ../../nbs/core/03_data_core.ipynb #0d9078ec
 @exportable
 class CategoryBlock(TransformBlock):
     "One label per item: encoded as its index in the sorted vocabulary (learnt from the data unless given)."
@@ -275,7 +275,7 @@ class RegressionBlock(TransformBlock):
     def loss_func(self): return MSELossFlat()
     def state(self): return {"n_out": self.n_out}
 
-# %% ../../nbs/core/03_data_core.ipynb #25aa6a1f
+# %% ../../nbs/core/03_data_core.ipynb #3a90a4b5
 CACHE_LIMIT_BYTES = 2 * 2**30  # cache="auto" keeps prepared samples in memory below this size
 
 def as_sample(x) -> tuple:
@@ -311,7 +311,7 @@ def _collate(samples) -> tuple:
                      "add an item transform that resizes them, such as Resize(224).")
         raise
 
-# %% ../../nbs/core/03_data_core.ipynb #597c5562
+# %% ../../nbs/core/03_data_core.ipynb #3d8e9ce5
 class DataLoader:
     "Batches `(*inputs, target)` on `device`: item transforms on the CPU (cached), batch transforms on the device."
     def __init__(self, dataset, bs: int = 64, shuffle: bool = False, drop_last: bool = False, device=None,
@@ -448,7 +448,7 @@ class DataLoader:
         return (f"DataLoader({len(self.dataset)} items, bs={self.bs}, shuffle={self.shuffle}, device={self.device}, "
                 f"item_tfms={self.item_tfms}, batch_tfms={self.batch_tfms})")
 
-# %% ../../nbs/core/03_data_core.ipynb #002a6a0b
+# %% ../../nbs/core/03_data_core.ipynb #17c7cb2b
 class BlockDataset(tud.Dataset):
     "Items turned into samples: `blocks[i].encode(getters[i](item))`; the first `n_inp` are inputs."
     def __init__(self, items, blocks: Sequence, getters: Sequence[Callable] | None = None, n_inp: int | None = None):
@@ -493,7 +493,7 @@ def _are_rows(items) -> bool:
     "True for a DataFrame or a list of rows (Series)."
     return isinstance(items, pd.DataFrame) or (len(items) > 0 and all(isinstance(o, pd.Series) for o in items))
 
-# %% ../../nbs/core/03_data_core.ipynb #eca3a588
+# %% ../../nbs/core/03_data_core.ipynb #f63715bd
 class DataLoaders:
     "A training and a validation `DataLoader`, with the blocks that say what their samples are."
     def __init__(self, train: DataLoader, valid: DataLoader, blocks: Sequence | None = None):
@@ -657,7 +657,7 @@ def _finish_axis(ax, title: str, color: str = "black"):
         ax.set_xticks([])
         ax.set_yticks([])
 
-# %% ../../nbs/core/03_data_core.ipynb #6bb25992
+# %% ../../nbs/core/03_data_core.ipynb #2466e6f8
 def RandomSplitter(valid_pct: float = 0.2, seed: int | None = None) -> Callable:
     "Split off a random `valid_pct` of the items for validation (the same split every time with `seed`)."
     if not 0 <= valid_pct < 1:
@@ -731,7 +731,7 @@ def _valid_flag(value, col, row: int) -> bool:
 def _item_at(items, i: int):
     return items.iloc[i] if isinstance(items, pd.DataFrame) else items[i]
 
-# %% ../../nbs/core/03_data_core.ipynb #740ef664
+# %% ../../nbs/core/03_data_core.ipynb #b7c9849b
 def parent_label(o) -> str:
     "The name of the folder that holds file `o` (`train/cat/1.jpg` -> `cat`)."
     return Path(o).parent.name
@@ -776,7 +776,7 @@ class ColReader:
         values = [self._read(row, c) for c in self.cols]
         return values[0] if len(values) == 1 else values
 
-# %% ../../nbs/core/03_data_core.ipynb #c79e7b69
+# %% ../../nbs/core/03_data_core.ipynb #124feac9
 class Datasets:
     "The training and validation `BlockDataset`s that `DataBlock.datasets` makes, and their (set-up) blocks."
     def __init__(self, train: BlockDataset, valid: BlockDataset, blocks: Sequence):
@@ -862,7 +862,7 @@ class DataBlock:
         sample, kinds = tuple(sample), tuple(b.kind for b in blocks)
         for tfm in self.item_tfms:
             sample = tfm(tfm.prepare(sample, kinds), kinds, True)
-            print(f"  item transform {t!r} -> {', '.join(map(_short, sample))}")
+            print(f"  item transform {tfm!r} -> {', '.join(map(_short, sample))}")
         dset = BlockDataset([_item_at(items, i) for i in train_idx[:bs]], blocks, self.getters, self.n_inp)
         dl = DataLoader(dset, bs=bs, device="cpu", item_tfms=self.item_tfms, kinds=kinds, n_inp=self.n_inp,
                         training=True, cache=False)

@@ -7,7 +7,7 @@ dot-product and neural models, the learner and what can be read from a trained m
 __all__ = ['CollabProcessor', 'CollabDataLoaders', 'EmbeddingDotBias', 'EmbeddingNN', 'pca', 'CollabInterpretation',
            'collab_learner']
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #1b45e06c
+# %% ../../nbs/lessons/06_collab_lib.ipynb #d6fcc3af
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from ..learner import Learner
 from .data import TabularDataLoader, as_dataframe, column_label
 from .learner import TabularModel, emb_sz_rule, embedding, sigmoid_range
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #162c476c
+# %% ../../nbs/lessons/06_collab_lib.ipynb #b56cdf9a
 class CollabProcessor:
     "The user and item vocabularies: ids -> indices (a clear error for ids never seen) and back."
     def __init__(self, user_name, item_name, rating_name, classes):
@@ -81,7 +81,7 @@ class CollabProcessor:
         return {"user_name": self.user_name, "item_name": self.item_name, "rating_name": self.rating_name,
                 "classes": [[name, ids] for name, ids in self.classes.items()]}
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #b21f870e
+# %% ../../nbs/lessons/06_collab_lib.ipynb #f695d2eb
 def _check_unique_pairs(ratings: pd.DataFrame, user_name, item_name, rating_name):
     "One rating per (user, item) pair: a repeated pair would leak from training into validation."
     repeated = ratings.duplicated([user_name, item_name])
@@ -164,7 +164,7 @@ class CollabDataLoaders(DataLoaders):
         train = TabularDataLoader(empty, proc, bs=bs, n_inp=1, training=True)
         return cls(train, TabularDataLoader(empty, proc, bs=bs, n_inp=1), proc)
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #2f0b1972
+# %% ../../nbs/lessons/06_collab_lib.ipynb #a5a028af
 @exportable
 class EmbeddingDotBias(nn.Module):
     "Rating = dot(user factors, item factors) + user bias + item bias, through a sigmoid scaled to `y_range`."
@@ -190,7 +190,7 @@ class EmbeddingDotBias(nn.Module):
         layer = self.i_weight if is_item else self.u_weight
         return layer(idx.to(layer.weight.device)).detach()
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #00c47201
+# %% ../../nbs/lessons/06_collab_lib.ipynb #0944ab05
 @exportable
 class EmbeddingNN(TabularModel):
     "A `TabularModel` on the concatenated user and item embeddings (no continuous inputs)."
@@ -201,7 +201,7 @@ class EmbeddingNN(TabularModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x, None)[:, 0]
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #2378c167
+# %% ../../nbs/lessons/06_collab_lib.ipynb #714623dd
 def pca(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     "Project the rows of `x` on its first `k` principal components (centred; components ordered by variance)."
     x = x.float() - x.float().mean(0)
@@ -271,7 +271,7 @@ class CollabInterpretation:
         order = order[[everything.index[i] != item for i in order.tolist()]][:k]
         return pd.Series(sims[order].numpy(), index=[everything.index[i] for i in order.tolist()], name="similarity")
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #52c9c40f
+# %% ../../nbs/lessons/06_collab_lib.ipynb #0fd98b6b
 def _check_y_range(dls: "CollabDataLoaders", y_range):
     "The ratings the loaders hold must lie inside `y_range`, or the scaled sigmoid could never predict them."
     rows = [dl.items for dl in (dls.train, dls.valid) if dl.items is not None and len(dl.items)]

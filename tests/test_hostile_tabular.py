@@ -177,3 +177,56 @@ def test_duplicated_user_item_pairs_are_a_clear_error():
 def test_empty_ratings_are_a_clear_error():
     with pytest.raises(ValueError, match="no rows"):
         CollabDataLoaders.from_df(ratings().iloc[:0], device="cpu")
+
+
+# --- beyond the list: inputs that trained on garbage silently or failed deep inside pandas/torch ---------
+
+def test_infinite_values_in_a_continuous_column_are_a_clear_error():
+    df = people()
+    df.loc[3, "age"] = np.inf                      # trained to NaN losses before
+    with pytest.raises(ValueError, match=r"'age'.*infinite"):
+        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, seed=0, device="cpu")
+
+
+def test_duplicated_column_names_are_a_clear_error():
+    df = pd.concat([people(), people()[["age"]]], axis=1)
+    with pytest.raises(ValueError, match=r"'age'.*2 columns"):
+        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, device="cpu")
+
+
+@pytest.mark.parametrize("cats, conts", [(["colour", "label"], ["age"]), (["colour"], ["age", "label"]),
+                                         (["colour"], ["age", "age"]), (["colour", "age"], ["age"])])
+def test_a_column_listed_twice_is_a_clear_error(cats, conts):
+    with pytest.raises(ValueError, match="listed more than once"):
+        TabularDataLoaders.from_df(people(), cats, conts, "label", PROCS, device="cpu")
+
+
+def test_no_input_columns_is_a_clear_error():
+    with pytest.raises(ValueError, match="no input columns"):
+        TabularDataLoaders.from_df(people(), [], [], "label", PROCS, device="cpu")
+
+
+def test_missing_ratings_are_a_clear_error():
+    r = ratings()
+    r.loc[[4, 9], "rating"] = np.nan               # trained to a NaN validation loss before
+    with pytest.raises(ValueError, match=r"2 ratings are missing.*dropna"):
+        CollabDataLoaders.from_df(r, device="cpu")
+
+
+def test_ratings_that_are_not_numbers_are_a_clear_error():
+    r = ratings().astype({"rating": object})
+    r.loc[5, "rating"] = "five"
+    with pytest.raises(ValueError, match=r"'rating'.*'five'"):
+        CollabDataLoaders.from_df(r, device="cpu")
+
+
+def test_missing_user_or_item_ids_are_a_clear_error():
+    r = ratings().astype({"user": float})
+    r.loc[0, "user"] = np.nan                      # became a user called nan before
+    with pytest.raises(ValueError, match=r"1 rating.*no 'user'"):
+        CollabDataLoaders.from_df(r, device="cpu")
+
+
+def test_a_ratings_table_needs_three_columns():
+    with pytest.raises(ValueError, match="user, item and rating"):
+        CollabDataLoaders.from_df(ratings()[["user", "item"]], device="cpu")

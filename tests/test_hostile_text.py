@@ -108,3 +108,19 @@ def test_no_seed_is_not_a_hidden_fixed_seed(tmp_path):
     assert len(splits) > 1
     seeded = TextDataLoaders.from_df(df, valid_pct=0.5, seed=42, min_freq=1, cache_dir=tmp_path, device="cpu")
     assert np.array_equal(sorted(seeded.valid.dataset.texts), sorted(df["text"].iloc[RandomSplitter(0.5, 42)(df)[1]]))
+
+
+# --- beyond the list: missing texts and labels ------------------------------------------------------------
+
+def test_missing_texts_are_a_clear_error(tmp_path):
+    df = reviews(8)
+    df.loc[3, "text"] = None                       # was tokenized as the word "nan" before
+    with pytest.raises(ValueError, match=r"1 row.*no text.*dropna"):
+        TextDataLoaders.from_df(df, cache_dir=tmp_path, device="cpu")
+
+
+def test_missing_labels_are_a_clear_error(tmp_path):
+    df = reviews(8)
+    df.loc[[2, 5], "label"] = None                 # None became a class before
+    with pytest.raises(ValueError, match=r"2 row.*no label"):
+        TextDataLoaders.from_df(df, cache_dir=tmp_path, device="cpu")

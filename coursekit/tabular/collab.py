@@ -7,7 +7,7 @@ dot-product and neural models, the learner and what can be read from a trained m
 __all__ = ['CollabProcessor', 'CollabDataLoaders', 'EmbeddingDotBias', 'EmbeddingNN', 'pca', 'CollabInterpretation',
            'collab_learner']
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #d6fcc3af
+# %% ../../nbs/lessons/06_collab_lib.ipynb #f35fe0ed
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from ..learner import Learner
 from .data import TabularDataLoader, as_dataframe, column_label
 from .learner import TabularModel, emb_sz_rule, embedding, sigmoid_range
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #b56cdf9a
+# %% ../../nbs/lessons/06_collab_lib.ipynb #28c83f6b
 class CollabProcessor:
     "The user and item vocabularies: ids -> indices (a clear error for ids never seen) and back."
     def __init__(self, user_name, item_name, rating_name, classes):
@@ -81,9 +81,25 @@ class CollabProcessor:
         return {"user_name": self.user_name, "item_name": self.item_name, "rating_name": self.rating_name,
                 "classes": [[name, ids] for name, ids in self.classes.items()]}
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #f695d2eb
-def _check_unique_pairs(ratings: pd.DataFrame, user_name, item_name, rating_name):
-    "One rating per (user, item) pair: a repeated pair would leak from training into validation."
+# %% ../../nbs/lessons/06_collab_lib.ipynb #ec13a1f7
+def _check_ratings(ratings: pd.DataFrame, user_name, item_name, rating_name):
+    "Every rating a number, with a user and an item, and one rating per (user, item) pair."
+    missing = [c for c in (user_name, item_name, rating_name) if c not in ratings.columns]
+    if missing:
+        raise KeyError(f"Column(s) {missing} not in the ratings table; its columns are {list(ratings.columns)}.")
+    for name in (user_name, item_name):
+        n_missing = int(ratings[name].isna().sum())
+        if n_missing:
+            raise ValueError(f"{n_missing} rating(s) have no {name!r}: drop them, e.g. ratings.dropna(subset=[{name!r}]).")
+    values = ratings[rating_name]
+    numbers = pd.to_numeric(values, errors="coerce")
+    not_numbers = values[numbers.isna() & values.notna()]
+    if len(not_numbers):
+        raise ValueError(f"Column {rating_name!r} holds ratings that are not numbers, e.g. "
+                         f"{list(dict.fromkeys(not_numbers.astype(str)))[:3]}: convert them, e.g. with pd.to_numeric.")
+    if values.isna().any():
+        raise ValueError(f"{int(values.isna().sum())} ratings are missing (NaN in {rating_name!r}), which would make the "
+                         f"loss NaN: drop them, e.g. ratings.dropna(subset=[{rating_name!r}]).")
     repeated = ratings.duplicated([user_name, item_name])
     if repeated.any():
         examples = ratings.loc[repeated, [user_name, item_name]].head(3).to_records(index=False).tolist()
@@ -106,10 +122,12 @@ class CollabDataLoaders(DataLoaders):
         "Loaders from a ratings table; the user, item and rating columns default to its first three."
         if len(ratings) == 0:
             raise ValueError(f"The ratings table has no rows (columns: {list(ratings.columns)[:10]}).")
+        if len(ratings.columns) < 3 and None in (user_name, item_name, rating_name):
+            raise ValueError(f"A ratings table needs user, item and rating columns; this one has {list(ratings.columns)}.")
         user_name = ratings.columns[0] if user_name is None else user_name
         item_name = ratings.columns[1] if item_name is None else item_name
         rating_name = ratings.columns[2] if rating_name is None else rating_name
-        _check_unique_pairs(ratings, user_name, item_name, rating_name)
+        _check_ratings(ratings, user_name, item_name, rating_name)
         proc = CollabProcessor.fit(ratings, user_name, item_name, rating_name)
         train_idx, valid_idx = RandomSplitter(valid_pct, seed)(ratings)
         train_df, valid_df = ratings.iloc[train_idx], ratings.iloc[valid_idx]
@@ -164,7 +182,7 @@ class CollabDataLoaders(DataLoaders):
         train = TabularDataLoader(empty, proc, bs=bs, n_inp=1, training=True)
         return cls(train, TabularDataLoader(empty, proc, bs=bs, n_inp=1), proc)
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #a5a028af
+# %% ../../nbs/lessons/06_collab_lib.ipynb #c4e2404a
 @exportable
 class EmbeddingDotBias(nn.Module):
     "Rating = dot(user factors, item factors) + user bias + item bias, through a sigmoid scaled to `y_range`."
@@ -190,7 +208,7 @@ class EmbeddingDotBias(nn.Module):
         layer = self.i_weight if is_item else self.u_weight
         return layer(idx.to(layer.weight.device)).detach()
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #0944ab05
+# %% ../../nbs/lessons/06_collab_lib.ipynb #f275c5bb
 @exportable
 class EmbeddingNN(TabularModel):
     "A `TabularModel` on the concatenated user and item embeddings (no continuous inputs)."
@@ -201,7 +219,7 @@ class EmbeddingNN(TabularModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x, None)[:, 0]
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #714623dd
+# %% ../../nbs/lessons/06_collab_lib.ipynb #68871478
 def pca(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     "Project the rows of `x` on its first `k` principal components (centred; components ordered by variance)."
     x = x.float() - x.float().mean(0)
@@ -271,7 +289,7 @@ class CollabInterpretation:
         order = order[[everything.index[i] != item for i in order.tolist()]][:k]
         return pd.Series(sims[order].numpy(), index=[everything.index[i] for i in order.tolist()], name="similarity")
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #0fd98b6b
+# %% ../../nbs/lessons/06_collab_lib.ipynb #bf7d0e2c
 def _check_y_range(dls: "CollabDataLoaders", y_range):
     "The ratings the loaders hold must lie inside `y_range`, or the scaled sigmoid could never predict them."
     rows = [dl.items for dl in (dls.train, dls.valid) if dl.items is not None and len(dl.items)]

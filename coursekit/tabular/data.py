@@ -7,7 +7,7 @@
 __all__ = ['DATE_PARTS', 'PROCS', 'add_datepart', 'cont_cat_split', 'column_label', 'column_labels', 'as_dataframe',
            'FillMissing', 'Categorify', 'Standardize', 'TabularProcessor', 'TabularDataLoader', 'TabularDataLoaders']
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #7e94ac5d
+# %% ../../nbs/lessons/05_tabular_data.ipynb #a2c8fab4
 import re
 
 import numpy as np
@@ -19,7 +19,7 @@ from ..core import build_exportable, display_or_print, exportable, exportable_sp
 from ..data.core import (CategoryBlock, DataLoader, DataLoaders, IndexSplitter, RandomSplitter, RegressionBlock,
                                  TransformBlock, block_spec)
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #14a3c3c1
+# %% ../../nbs/lessons/05_tabular_data.ipynb #90e0f501
 DATE_PARTS = ["Year", "Month", "Week", "Day", "Dayofweek", "Dayofyear", "Is_month_end", "Is_month_start",
               "Is_quarter_end", "Is_quarter_start", "Is_year_end", "Is_year_start"]
 
@@ -46,7 +46,7 @@ def add_datepart(df: pd.DataFrame, field_name: str, prefix: str | None = None, d
         del df[field_name]
     return df
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #5694ba64
+# %% ../../nbs/lessons/05_tabular_data.ipynb #0141af40
 def cont_cat_split(df: pd.DataFrame, max_card: int = 20, dep_var: str | list | None = None) -> tuple[list, list]:
     "Split `df`'s columns into (continuous, categorical): floats and integers with > `max_card` values are continuous."
     skip = set([dep_var] if isinstance(dep_var, str) else (dep_var or []))
@@ -62,7 +62,7 @@ def cont_cat_split(df: pd.DataFrame, max_card: int = 20, dep_var: str | list | N
             cat.append(name)
     return cont, cat
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #e53d8aaa
+# %% ../../nbs/lessons/05_tabular_data.ipynb #d35f6a23
 def column_label(label):
     "A column label as exports keep it: a string or a number (numpy scalars become Python ones); others are refused."
     if isinstance(label, np.generic):
@@ -81,7 +81,7 @@ def column_labels(names) -> list:
         return [column_label(name) for name in names]
     return [column_label(names)]
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #18db84df
+# %% ../../nbs/lessons/05_tabular_data.ipynb #5fd23df5
 def as_dataframe(items) -> pd.DataFrame:
     "A DataFrame from a DataFrame, one row (a dict or a pandas Series), or a list of rows."
     if isinstance(items, pd.DataFrame):
@@ -90,7 +90,7 @@ def as_dataframe(items) -> pd.DataFrame:
         return pd.DataFrame([items])
     return pd.DataFrame(list(items))
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #3cc810f1
+# %% ../../nbs/lessons/05_tabular_data.ipynb #facce412
 class FillMissing:
     "Fill missing continuous values with the training median (or `fill_strategy`), adding `<col>_na` flags."
     order = 0
@@ -138,7 +138,7 @@ class FillMissing:
         return {"fill_strategy": self.fill_strategy, "add_col": self.add_col,
                 "fill_values": [[c, v] for c, v in self.fill_values.items()], "na_columns": self.na_columns}
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #c22d58da
+# %% ../../nbs/lessons/05_tabular_data.ipynb #8715f93f
 def _sorted_values(values) -> list:
     "Sort `values` naturally, or as text when they are of mixed types; numpy scalars become Python ones."
     values = [v.item() if isinstance(v, np.generic) else v for v in values]
@@ -177,7 +177,7 @@ class Categorify:
         "JSON-able keyword arguments that rebuild this proc: the vocabs as [column, vocab] pairs."
         return {"vocab": [[c, v] for c, v in self.vocab.items()]}
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #5944ee3f
+# %% ../../nbs/lessons/05_tabular_data.ipynb #ffc5477d
 class Standardize:
     "Rescale continuous columns to mean 0 and std 1 with the training mean and std (fastai's tabular `Normalize`)."
     order = 2
@@ -209,24 +209,28 @@ class Standardize:
         "JSON-able keyword arguments that rebuild this proc: means and stds as [column, value] pairs."
         return {"means": [[c, v] for c, v in self.means.items()], "stds": [[c, v] for c, v in self.stds.items()]}
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #2c4a650f
+# %% ../../nbs/lessons/05_tabular_data.ipynb #8090e4af
 PROCS = {"FillMissing": FillMissing, "Categorify": Categorify, "Standardize": Standardize}
 
 _NA_VALUES_HINT = "read the file with pd.read_csv(..., na_values='?') (or TabularDataLoaders.from_csv(..., na_values='?'))"
 
 def _check_numbers(df: pd.DataFrame, conts: list):
-    "Continuous columns must hold numbers: name the column and its first non-numbers (and the '?' fix)."
+    "Continuous columns must hold finite numbers: name the column and its first non-numbers (and the '?' fix)."
     for c in conts:
-        if pd.api.types.is_numeric_dtype(df[c]):
-            continue
-        numbers = pd.to_numeric(df[c], errors="coerce")
-        not_numbers = df[c][numbers.isna() & df[c].notna()]
+        column = df[c]
+        numbers = column if pd.api.types.is_numeric_dtype(column) else pd.to_numeric(column, errors="coerce")
+        not_numbers = column[numbers.isna() & column.notna()]
         if len(not_numbers):
             examples = list(dict.fromkeys(not_numbers.astype(str)))[:3]
             hint = (f"'?' marks a missing value: {_NA_VALUES_HINT}" if "?" in [e.strip() for e in examples] else
                     f"convert it with pd.to_numeric(df[{c!r}], errors='coerce'), or list it in cat_names")
             raise ValueError(f"Continuous column {c!r} holds {len(not_numbers)} value(s) that are not numbers, "
                              f"e.g. {examples}: {hint}.")
+        n_infinite = int(np.isinf(numbers.to_numpy(dtype=float, na_value=np.nan)).sum())
+        if n_infinite:
+            raise ValueError(f"Continuous column {c!r} holds {n_infinite} infinite value(s), which would make every loss "
+                             f"NaN: make them missing, e.g. df[{c!r}] = df[{c!r}].replace([np.inf, -np.inf], np.nan), "
+                             "and FillMissing fills them.")
 
 def _check_not_all_question_marks(df: pd.DataFrame, names: list):
     "A column of nothing but '?' is a file read without na_values='?'."
@@ -251,6 +255,15 @@ class TabularProcessor:
     def __init__(self, cat_names, cont_names, y_names, procs=None, y_block=None):
         self.cat_names, self.cont_names = column_labels(cat_names), column_labels(cont_names)
         self.y_names = column_labels(y_names)
+        listed = self.cat_names + self.cont_names + self.y_names
+        repeated = list(dict.fromkeys(c for c in listed if listed.count(c) > 1))
+        if repeated:
+            raise ValueError(f"Column(s) {repeated} are listed more than once in cat_names {self.cat_names}, cont_names "
+                             f"{self.cont_names} and y_names {self.y_names}: each column is a category, a number or the "
+                             "target, once (a target among the inputs would hand the model the answer).")
+        if not self.cat_names and not self.cont_names:
+            raise ValueError("There are no input columns: pass cat_names and/or cont_names "
+                             "(cont_cat_split(df, dep_var=...) proposes both).")
         procs = [p() if isinstance(p, type) else p for p in (procs or [])]
         for p in procs:
             if type(p).__name__ not in PROCS:
@@ -288,6 +301,11 @@ class TabularProcessor:
     def check_columns(self, df, with_labels: bool):
         "Raise a KeyError naming every column the model needs that `df` lacks."
         needed = self.cat_names + self.cont_names + (self.y_names if with_labels else [])
+        for c in needed:
+            copies = int((df.columns == c).sum())
+            if copies > 1:
+                raise ValueError(f"Column label {c!r} names {copies} columns of the table: keep one, e.g. "
+                                 "df = df.loc[:, ~df.columns.duplicated()].")
         missing = [c for c in needed if c not in df.columns]
         if missing:
             raise KeyError(f"Missing column(s) {missing}: the model was trained on categorical {self.cat_names} "
@@ -365,7 +383,7 @@ class TabularProcessor:
         proc.all_cat_names, proc.all_cont_names = state["all_cat_names"], state["all_cont_names"]
         return proc
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #85f2daa4
+# %% ../../nbs/lessons/05_tabular_data.ipynb #ba82bdbc
 class TabularDataLoader(DataLoader):
     "Batches sliced from pre-encoded tensors with one tensor index per batch (no Python loop per row)."
     def __init__(self, tensors: tuple, processor: TabularProcessor, bs: int = 64, shuffle: bool = False,
@@ -409,7 +427,7 @@ class TabularDataLoader(DataLoader):
     def __repr__(self):
         return f"TabularDataLoader({len(self.dataset)} rows, bs={self.bs}, shuffle={self.shuffle}, device={self.device})"
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #7fdc4f58
+# %% ../../nbs/lessons/05_tabular_data.ipynb #87507f2f
 class TabularDataLoaders(DataLoaders):
     "Training and validation `TabularDataLoader`s sharing one fitted `TabularProcessor`; batches are `(x_cat, x_cont, y)`."
     def __init__(self, train: TabularDataLoader, valid: TabularDataLoader, processor: TabularProcessor):

@@ -8,7 +8,7 @@ DataFrame, a CSV file or a folder of text files. Part of lesson 4 (IMDB)."""
 __all__ = ['TextDataset', 'bptt_lengths', 'TextLoader', 'LMDataLoader', 'pad_batch', 'SortedDataLoader', 'TextDataLoaders',
            'folder_to_df']
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #e41d5371
+# %% ../../nbs/lessons/04b_text_data.ipynb #1cd7fd05
 import math
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from ..core import default_device, exportable, exportable_spec
 from ..data.core import CategoryBlock, ColSplitter, DataLoaders, RandomSplitter, TransformBlock
 from .core import PAD, Vocab, tokenize_texts
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #359300d7
+# %% ../../nbs/lessons/04b_text_data.ipynb #35c6374a
 class TextDataset(tud.Dataset):
     "Numericalized documents (`docs`, arrays of ids), optional integer `labels` and the original `texts`."
     def __init__(self, docs: list, labels=None, texts=None):
@@ -37,7 +37,7 @@ class TextDataset(tud.Dataset):
         x = torch.from_numpy(self.docs[i])
         return (x,) if self.labels is None else (x, torch.tensor(self.labels[i]))
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #53346c41
+# %% ../../nbs/lessons/04b_text_data.ipynb #e1c49c1e
 def bptt_lengths(total: int, seq_len: int, n_batches: int, random: bool, generator=None) -> list[int]:
     "`n_batches` sequence lengths that add up to `total`: equal-ish, or randomly around `seq_len` (half-length 5% of the time)."
     if not random or n_batches == 1:
@@ -100,7 +100,7 @@ class LMDataLoader(TextLoader):
     def __repr__(self):
         return f"LMDataLoader({len(self.dataset)} docs, {self.n_tokens} tokens, bs={self.bs}, seq_len={self.seq_len})"
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #45723e29
+# %% ../../nbs/lessons/04b_text_data.ipynb #7f3978c5
 def pad_batch(docs: list, pad_idx: int = 1, pad_first: bool = True) -> torch.Tensor:
     "Stack token tensors of different lengths into one `(n, max_len)` tensor, padded with `pad_idx`."
     out = torch.full((len(docs), max(len(d) for d in docs)), pad_idx, dtype=torch.long)
@@ -162,13 +162,17 @@ class SortedDataLoader(TextLoader):
 
     def __repr__(self): return f"SortedDataLoader({len(self.dataset)} docs, bs={self.bs}, shuffle={self.shuffle})"
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #4d305efb
+# %% ../../nbs/lessons/04b_text_data.ipynb #17c596e0
 def _text_column(df: pd.DataFrame, text_col) -> list[str]:
     "The texts of `text_col`, or of several columns joined with `xxfld n` markers."
     cols = [text_col] if isinstance(text_col, str) else list(text_col)
     missing = [c for c in cols if c not in df.columns]
     if missing:
         raise KeyError(f"Column(s) {missing} not in the DataFrame; its columns are {list(df.columns)}")
+    no_text = df[cols].isna().any(axis=1).to_numpy()
+    if no_text.any():
+        raise ValueError(f"{int(no_text.sum())} row(s) have no text in {cols} (e.g. row {int(np.flatnonzero(no_text)[0])}): "
+                         f"drop them, e.g. df.dropna(subset={cols}), or fill them, e.g. df.fillna({{{cols[0]!r}: ''}}).")
     if len(cols) == 1:
         return df[cols[0]].astype(str).tolist()
     return [" ".join(f"xxfld {i + 1} {v}" for i, v in enumerate(row)) for row in df[cols].astype(str).itertuples(index=False)]
@@ -207,6 +211,9 @@ class TextDataLoaders(DataLoaders):
         if not is_lm and label_col not in df.columns:
             raise KeyError(f"label_col {label_col!r} is not a column; columns: {list(df.columns)} "
                            "(language model? pass is_lm=True)")
+        if not is_lm and df[label_col].isna().any():
+            raise ValueError(f"{int(df[label_col].isna().sum())} row(s) have no label in {label_col!r}: drop them, "
+                             f"e.g. df.dropna(subset=[{label_col!r}]), or use them for a language model (is_lm=True).")
         is_valid = _split_rows(df, valid_col, valid_pct, seed)
         docs = tokenize_texts(_text_column(df, text_col), rules=rules, n_workers=n_workers, cache_dir=cache_dir)
         train_docs = [d for d, v in zip(docs, is_valid) if not v]

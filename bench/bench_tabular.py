@@ -20,22 +20,29 @@ import time
 import pandas as pd
 import torch
 
-from coursekit.collab import CollabDataLoaders, collab_learner
 from coursekit.core import default_device, set_cpu_threads, set_seed
 from coursekit.data.external import URLs, untar_data
 from coursekit.learner import Callback
-from coursekit.tabular import Categorify, FillMissing, Standardize, TabularDataLoaders, tabular_learner
+from coursekit.tabular.collab import CollabDataLoaders, collab_learner
+from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
+from coursekit.tabular.learner import tabular_learner
 
 
 class TrainTimer(Callback):
     "Times the training batches of each epoch (validation excluded) with the wall clock and the CPU clock."
-    def __init__(self): self.wall, self.cpu = [], []
+    def __init__(self):
+        self.wall, self.cpu = [], []
+
     def before_train(self, learn):
-        if learn.device.type == "cuda": torch.cuda.synchronize()
+        if learn.device.type == "cuda":
+            torch.cuda.synchronize()
         self._wall, self._cpu = time.perf_counter(), time.process_time()
+
     def after_train(self, learn):
-        if learn.device.type == "cuda": torch.cuda.synchronize()
-        self.wall.append(time.perf_counter() - self._wall); self.cpu.append(time.process_time() - self._cpu)
+        if learn.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.wall.append(time.perf_counter() - self._wall)
+        self.cpu.append(time.process_time() - self._cpu)
 
 
 def adult_learner(bs: int, device):
@@ -61,7 +68,8 @@ def bench(name: str, make, bs: int, repeats: int, device) -> dict:
     rows = len(learn.dls.train) * learn.dls.train.bs  # drop_last: every batch is full
     timer = TrainTimer()
     with learn.no_bar():
-        for _ in range(repeats): learn.fit_one_cycle(1, lr, wd=0.1, cbs=[timer])
+        for _ in range(repeats):
+            learn.fit_one_cycle(1, lr, wd=0.1, cbs=[timer])
     wall, cpu = statistics.median(timer.wall), statistics.median(timer.cpu)
     res = {"dataset": name, "rows": rows, "bs": bs, "wall_s": round(wall, 3), "rows_per_s": round(rows / wall),
            "cpu_s": round(cpu, 3), "rows_per_cpu_s": round(rows / cpu)}

@@ -10,7 +10,7 @@ __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms'
            'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label', 'RegexLabeller',
            'ColReader', 'Datasets', 'DataBlock']
 
-# %% ../../nbs/core/03_data_core.ipynb #852629f2
+# %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -23,7 +23,7 @@ import torch.utils.data as tud
 from ..core import default_device, exportable, exportable_spec, build_exportable
 from ..losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 
-# %% ../../nbs/core/03_data_core.ipynb #450321a0
+# %% ../../nbs/core/03_data_core.ipynb #bf4afaff
 class Transform:
     "Base class of item and batch transforms: `tfm(sample, kinds, training)` returns the transformed tuple."
     train_only = False  # augmentation: only the training loader applies it
@@ -49,7 +49,8 @@ class Transform:
 
 def transform_spec(tfm: Transform) -> dict:
     "The export description of `tfm`; its class must be registered with `@exportable`."
-    try: return exportable_spec(type(tfm), **tfm.state())
+    try:
+        return exportable_spec(type(tfm), **tfm.state())
     except ValueError as err:
         err.add_note(f"{type(tfm).__name__} cannot be exported: define it in a coursekit module "
                      "and decorate the class with @exportable.")
@@ -58,13 +59,13 @@ def transform_spec(tfm: Transform) -> dict:
 def sort_transforms(tfms) -> list:
     "A list of transforms (or one transform) in the order they run (by `order`, then as given)."
     tfms = [tfms] if isinstance(tfms, Transform) else list(tfms or [])
-    for t in tfms:
-        if not isinstance(t, Transform):
-            raise TypeError(f"{t!r} is not a Transform: write a subclass of coursekit.data.core.Transform "
+    for tfm in tfms:
+        if not isinstance(tfm, Transform):
+            raise TypeError(f"{tfm!r} is not a Transform: write a subclass of coursekit.data.core.Transform "
                             "(plain functions cannot be exported with a model).")
-    return sorted(tfms, key=lambda t: t.order)
+    return sorted(tfms, key=lambda tfm: tfm.order)
 
-# %% ../../nbs/core/03_data_core.ipynb #01029902
+# %% ../../nbs/core/03_data_core.ipynb #35f7e005
 @exportable
 class IntToFloat(Transform):
     "Batch transform: integer images (and integer 'tensor' inputs) -> floats divided by `div` (255: into [0, 1])."
@@ -81,7 +82,7 @@ class IntToFloat(Transform):
 def _is_integer(x) -> bool:
     return isinstance(x, torch.Tensor) and not x.is_floating_point() and x.dtype != torch.bool
 
-# %% ../../nbs/core/03_data_core.ipynb #7abba0ab
+# %% ../../nbs/core/03_data_core.ipynb #6e2d8075
 @exportable
 class TransformBlock:
     "A block for values that are already tensors or numbers: encoded as tensors, no vocabulary."
@@ -106,13 +107,15 @@ class TransformBlock:
     def label(self, t: torch.Tensor) -> str:
         "Short text for a plot title."
         t = self.decode(t)
-        if isinstance(t, torch.Tensor) and t.numel() > 6: return f"tensor{tuple(t.shape)}"
+        if isinstance(t, torch.Tensor) and t.numel() > 6:
+            return f"tensor{tuple(t.shape)}"
         return str(t.tolist() if isinstance(t, torch.Tensor) else t)
 
     def show(self, t: torch.Tensor, ax) -> str:
         "Draw `t` on `ax` if it is picture-like; return the text it contributes to the title."
         if isinstance(t, torch.Tensor) and (t.ndim == 2 or (t.ndim == 3 and t.shape[0] in (1, 3))):
-            show_image(t, ax); return ""
+            show_image(t, ax)
+            return ""
         return self.label(t)
 
     @property
@@ -134,17 +137,21 @@ def block_spec(block) -> dict:
     "The export description of a block."
     return exportable_spec(type(block), **block.state())
 
-# %% ../../nbs/core/03_data_core.ipynb #5e7712d3
+# %% ../../nbs/core/03_data_core.ipynb #ee313991
 def show_image(t: torch.Tensor, ax, alpha=None, cmap=None):
     "Draw an image tensor (CHW or HW; uint8, or float in [0, 1]) on a matplotlib axis, without ticks."
     t = t.detach().cpu()
-    if t.ndim == 3 and t.shape[0] in (1, 3): t = t.permute(1, 2, 0)
-    if t.ndim == 3 and t.shape[-1] == 1: t = t[..., 0]
-    if t.dtype.is_floating_point and t.ndim == 3: t = t.clamp(0, 1)
+    if t.ndim == 3 and t.shape[0] in (1, 3):
+        t = t.permute(1, 2, 0)
+    if t.ndim == 3 and t.shape[-1] == 1:
+        t = t[..., 0]
+    if t.dtype.is_floating_point and t.ndim == 3:
+        t = t.clamp(0, 1)
     ax.imshow(t.numpy(), alpha=alpha, cmap=cmap if t.ndim == 2 else None)
-    ax.set_xticks([]); ax.set_yticks([])
+    ax.set_xticks([])
+    ax.set_yticks([])
 
-# %% ../../nbs/core/03_data_core.ipynb #cb774804
+# %% ../../nbs/core/03_data_core.ipynb #25017aaa
 class Categorize:
     "Map labels to indices in a sorted `vocab`, and back."
     def __init__(self, vocab: Sequence):
@@ -166,10 +173,12 @@ class Categorize:
 def sorted_vocab(values) -> list:
     "The distinct values, sorted (as strings when they cannot be compared)."
     distinct = set(values)
-    try: return sorted(distinct)
-    except TypeError: return sorted(distinct, key=str)
+    try:
+        return sorted(distinct)
+    except TypeError:
+        return sorted(distinct, key=str)
 
-# %% ../../nbs/core/03_data_core.ipynb #e2bd5878
+# %% ../../nbs/core/03_data_core.ipynb #0d9078ec
 @exportable
 class CategoryBlock(TransformBlock):
     "One label per item: encoded as its index in the sorted vocabulary (learnt from the data unless given)."
@@ -179,13 +188,15 @@ class CategoryBlock(TransformBlock):
     def __init__(self, vocab: Sequence | None = None, encoded: bool = False):
         self.vocab, self.encoded = (None if vocab is None else list(vocab)), encoded
         self.categorize = None if vocab is None else Categorize(self.vocab)
-        if encoded and vocab is None: raise ValueError("CategoryBlock(encoded=True) needs the vocab (the class names).")
+        if encoded and vocab is None:
+            raise ValueError("CategoryBlock(encoded=True) needs the vocab (the class names).")
 
     def setup(self, values): return self if self.vocab is not None else CategoryBlock(sorted_vocab(values))
 
     def encode(self, value):
         "The class index of label `value` (or `value` itself, as a long tensor, when `encoded`)."
-        if self.encoded: return torch.as_tensor(value).long()
+        if self.encoded:
+            return torch.as_tensor(value).long()
         return torch.tensor(self._categorize().encode(value))
 
     def decode(self, t): return self._categorize().decode(t)
@@ -213,9 +224,11 @@ class MultiCategoryBlock(TransformBlock):
         self.categorize = None if vocab is None else Categorize(self.vocab)
 
     def setup(self, values):
-        if self.vocab is not None: return self
+        if self.vocab is not None:
+            return self
         values = list(values)
-        for v in values: _check_label_list(v)
+        for v in values:
+            _check_label_list(v)
         return MultiCategoryBlock(sorted_vocab(label for v in values for label in v))
 
     def encode(self, value):
@@ -223,7 +236,8 @@ class MultiCategoryBlock(TransformBlock):
         if self.categorize is None:
             raise ValueError("This MultiCategoryBlock has no vocabulary yet: call setup(labels) or pass vocab=.")
         one_hot = torch.zeros(len(self.vocab))
-        for label in value: one_hot[self.categorize.encode(label)] = 1.0
+        for label in value:
+            one_hot[self.categorize.encode(label)] = 1.0
         return one_hot
 
     def decode(self, t): return [v for v, on in zip(self.vocab, torch.as_tensor(t).float() > 0.5) if on]
@@ -247,7 +261,8 @@ class RegressionBlock(TransformBlock):
 
     def __init__(self, n_out: int | None = None): self.n_out = n_out
     def setup(self, values):
-        if self.n_out is not None: return self
+        if self.n_out is not None:
+            return self
         first = next(iter(values), 0.0)
         return RegressionBlock(int(self.encode(first).numel()))
     def encode(self, value): return torch.as_tensor(np.asarray(value, dtype=np.float32))
@@ -260,7 +275,7 @@ class RegressionBlock(TransformBlock):
     def loss_func(self): return MSELossFlat()
     def state(self): return {"n_out": self.n_out}
 
-# %% ../../nbs/core/03_data_core.ipynb #b40ffb3b
+# %% ../../nbs/core/03_data_core.ipynb #3a90a4b5
 CACHE_LIMIT_BYTES = 2 * 2**30  # cache="auto" keeps prepared samples in memory below this size
 
 def as_sample(x) -> tuple:
@@ -273,7 +288,8 @@ class _Prepared(tud.Dataset):
     def __len__(self): return len(self.dataset)
     def __getitem__(self, i):
         sample = as_sample(self.dataset[i])
-        for t in self.tfms: sample = t.prepare(sample, self.kinds)
+        for tfm in self.tfms:
+            sample = tfm.prepare(sample, self.kinds)
         return sample
 
 class ListDataset(tud.Dataset):
@@ -287,21 +303,24 @@ def _sample_nbytes(sample) -> int:
 
 def _collate(samples) -> tuple:
     "Stack a list of sample tuples into a batch tuple."
-    try: return tuple(tud.default_collate(samples))
+    try:
+        return tuple(tud.default_collate(samples))
     except RuntimeError as err:
         shapes = sorted({tuple(x.shape) for s in samples for x in s[:1] if isinstance(x, torch.Tensor)})
         err.add_note(f"The samples in a batch must have the same shape to be stacked (inputs here: {shapes[:4]}...): "
                      "add an item transform that resizes them, such as Resize(224).")
         raise
 
-# %% ../../nbs/core/03_data_core.ipynb #6a5fde67
+# %% ../../nbs/core/03_data_core.ipynb #3d8e9ce5
 class DataLoader:
     "Batches `(*inputs, target)` on `device`: item transforms on the CPU (cached), batch transforms on the device."
     def __init__(self, dataset, bs: int = 64, shuffle: bool = False, drop_last: bool = False, device=None,
                  num_workers: int = 0, item_tfms=None, batch_tfms=None, kinds: Sequence[str] | None = None,
                  n_inp: int = 1, training: bool | None = None, cache="auto"):
-        if bs < 1: raise ValueError(f"bs must be at least 1, got {bs}")
-        if cache not in (True, False, "auto"): raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
+        if bs < 1:
+            raise ValueError(f"bs must be at least 1, got {bs}")
+        if cache not in (True, False, "auto"):
+            raise ValueError(f"cache must be True, False or 'auto', got {cache!r}")
         self.dataset, self.bs, self.shuffle, self.drop_last = dataset, bs, shuffle, drop_last
         self.device = torch.device(device) if device is not None else default_device()
         self.num_workers, self.n_inp, self.cache = num_workers, n_inp, cache
@@ -313,7 +332,8 @@ class DataLoader:
     @property
     def kinds(self) -> tuple:
         "What each element of a sample is ('tensor' for every element unless blocks said otherwise)."
-        if self._kinds is None: self._kinds = ("tensor",) * len(as_sample(self.dataset[0])) if len(self.dataset) else ()
+        if self._kinds is None:
+            self._kinds = ("tensor",) * len(as_sample(self.dataset[0])) if len(self.dataset) else ()
         return self._kinds
 
     @property
@@ -351,15 +371,19 @@ class DataLoader:
                                          num_workers=self.num_workers, collate_fn=list))
         for batch, need in zip(index_batches, needed):
             fresh = dict(zip(need, next(loaded))) if need else {}
-            if fresh and self._cached is not None: self._keep(fresh)
+            if fresh and self._cached is not None:
+                self._keep(fresh)
             yield [cached[i] if i in cached else fresh[i] for i in batch]
-        if extra and self._cached is not None: self._keep(dict(zip(extra, next(loaded))))
+        if extra and self._cached is not None:
+            self._keep(dict(zip(extra, next(loaded))))
 
     def _keep(self, fresh: dict):
         "Cache freshly prepared samples, unless the whole dataset would not fit (for cache='auto')."
         if self.cache == "auto" and not self._cached:
             estimate = _sample_nbytes(next(iter(fresh.values()))) * len(self.dataset)
-            if estimate > CACHE_LIMIT_BYTES: self._cached = None; return
+            if estimate > CACHE_LIMIT_BYTES:
+                self._cached = None
+                return
         if self.num_workers > 0:  # tensors from workers live in shared memory, one open file each: copy them out
             fresh = {i: tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in s) for i, s in fresh.items()}
         self._cached.update(fresh)
@@ -370,9 +394,10 @@ class DataLoader:
         return self._cached is not None and len(self._cached) == len(self.dataset)
 
     def _finish_item(self, sample: tuple) -> tuple:
-        for t in self.item_tfms:
-            if t.train_only and not self.training: continue
-            sample = t(sample, self.kinds, self.training)
+        for tfm in self.item_tfms:
+            if tfm.train_only and not self.training:
+                continue
+            sample = tfm(sample, self.kinds, self.training)
         return sample
 
     def _to_device(self, batch: tuple) -> tuple:
@@ -382,9 +407,10 @@ class DataLoader:
 
     def apply_batch_tfms(self, batch: tuple) -> tuple:
         "Run the batch transforms (the train-only ones only when training) on a batch already on the device."
-        for t in self.batch_tfms:
-            if t.train_only and not self.training: continue
-            batch = t(batch, self.kinds, self.training)
+        for tfm in self.batch_tfms:
+            if tfm.train_only and not self.training:
+                continue
+            batch = tfm(batch, self.kinds, self.training)
         return batch
 
     def __iter__(self):
@@ -402,10 +428,14 @@ class DataLoader:
     def new(self, items=None, shuffle: bool = False, drop_last: bool = False, bs: int | None = None,
             kinds: Sequence[str] | None = None, training: bool | None = None, cache=None) -> "DataLoader":
         "A loader like this one over `items` (a Dataset, or a list of items/samples), not shuffled by default."
-        if items is None: dataset = self.dataset
-        elif isinstance(items, tud.Dataset): dataset = items
-        elif hasattr(self.dataset, "new"): dataset = self.dataset.new(items)
-        else: dataset = ListDataset(items)
+        if items is None:
+            dataset = self.dataset
+        elif isinstance(items, tud.Dataset):
+            dataset = items
+        elif hasattr(self.dataset, "new"):
+            dataset = self.dataset.new(items)
+        else:
+            dataset = ListDataset(items)
         dl = DataLoader(dataset, bs=bs or self.bs, shuffle=shuffle, drop_last=drop_last, device=self.device,
                         num_workers=self.num_workers, item_tfms=self.item_tfms, batch_tfms=self.batch_tfms,
                         kinds=kinds if kinds is not None else self._kinds, n_inp=self.n_inp,
@@ -418,7 +448,7 @@ class DataLoader:
         return (f"DataLoader({len(self.dataset)} items, bs={self.bs}, shuffle={self.shuffle}, device={self.device}, "
                 f"item_tfms={self.item_tfms}, batch_tfms={self.batch_tfms})")
 
-# %% ../../nbs/core/03_data_core.ipynb #0724a157
+# %% ../../nbs/core/03_data_core.ipynb #17c7cb2b
 class BlockDataset(tud.Dataset):
     "Items turned into samples: `blocks[i].encode(getters[i](item))`; the first `n_inp` are inputs."
     def __init__(self, items, blocks: Sequence, getters: Sequence[Callable] | None = None, n_inp: int | None = None):
@@ -436,7 +466,8 @@ class BlockDataset(tud.Dataset):
 
     def values(self, item) -> tuple:
         "What the getters return for `item`, before encoding."
-        if self.getters is not None: return tuple(g(item) for g in self.getters)
+        if self.getters is not None:
+            return tuple(g(item) for g in self.getters)
         values = (item,) if len(self.blocks) == 1 else as_sample(item)
         if len(values) != len(self.blocks):
             raise ValueError(f"Expected {len(self.blocks)} values per item, got {len(values)}: {item!r}")
@@ -444,7 +475,8 @@ class BlockDataset(tud.Dataset):
 
     def __getitem__(self, i: int) -> tuple:
         item = self.item(i)
-        try: return tuple(b.encode(v) for b, v in zip(self.blocks, self.values(item)))
+        try:
+            return tuple(b.encode(v) for b, v in zip(self.blocks, self.values(item)))
         except Exception as err:
             err.add_note(f"While loading item {i}: {item!r}")
             raise
@@ -453,14 +485,15 @@ class BlockDataset(tud.Dataset):
         "The same blocks and getters over other items (getters for DataFrame rows only on rows); without labels: inputs only."
         keep = len(self.blocks) if with_labels else self.n_inp
         getters = None if self.getters is None else self.getters[:keep]
-        if isinstance(self.items, pd.DataFrame) and not _are_rows(items): getters = None
+        if isinstance(self.items, pd.DataFrame) and not _are_rows(items):
+            getters = None
         return BlockDataset(items, self.blocks[:keep], getters, n_inp=self.n_inp)
 
 def _are_rows(items) -> bool:
     "True for a DataFrame or a list of rows (Series)."
     return isinstance(items, pd.DataFrame) or (len(items) > 0 and all(isinstance(o, pd.Series) for o in items))
 
-# %% ../../nbs/core/03_data_core.ipynb #8c0f786d
+# %% ../../nbs/core/03_data_core.ipynb #f63715bd
 class DataLoaders:
     "A training and a validation `DataLoader`, with the blocks that say what their samples are."
     def __init__(self, train: DataLoader, valid: DataLoader, blocks: Sequence | None = None):
@@ -504,7 +537,8 @@ class DataLoaders:
 
     def to(self, device) -> "DataLoaders":
         "Send both loaders' batches to `device`; returns self."
-        self.train.to(device); self.valid.to(device)
+        self.train.to(device)
+        self.valid.to(device)
         return self
 
     def one_batch(self) -> tuple:
@@ -520,9 +554,12 @@ class DataLoaders:
         items = list(items) if not isinstance(items, (tud.Dataset, pd.DataFrame, torch.Tensor)) else items
         blocks = self.blocks if with_labels else self.blocks[:self.n_inp]
         source = self.valid.dataset
-        if isinstance(items, tud.Dataset): dataset = items
-        elif hasattr(source, "new"): dataset = source.new(items, with_labels=with_labels)
-        else: dataset = BlockDataset(items, blocks)
+        if isinstance(items, tud.Dataset):
+            dataset = items
+        elif hasattr(source, "new"):
+            dataset = source.new(items, with_labels=with_labels)
+        else:
+            dataset = BlockDataset(items, blocks)
         return self.valid.new(dataset, bs=bs, kinds=[b.kind for b in blocks], training=False, cache=False)
 
     @classmethod
@@ -532,8 +569,10 @@ class DataLoaders:
         sample = as_sample(train_ds[0])
         if len(sample) < 2:
             raise ValueError(f"from_dsets needs samples (*inputs, target), got a sample with {len(sample)} element.")
-        if vocab is not None: target = CategoryBlock(vocab, encoded=True)
-        else: target = RegressionBlock(int(torch.as_tensor(np.asarray(sample[-1])).numel()))
+        if vocab is not None:
+            target = CategoryBlock(vocab, encoded=True)
+        else:
+            target = RegressionBlock(int(torch.as_tensor(np.asarray(sample[-1])).numel()))
         blocks = [TransformBlock()] * (len(sample) - 1) + [target]
         kinds = [b.kind for b in blocks]
         common = dict(bs=bs, device=device, num_workers=num_workers, kinds=kinds, n_inp=len(sample) - 1, cache=False)
@@ -543,8 +582,8 @@ class DataLoaders:
     def export_state(self) -> dict:
         "A JSON-able spec (`coursekit.core.exportable_spec`) from which `build_exportable` makes inference loaders."
         return exportable_spec(DataLoaders.for_inference, blocks=[block_spec(b) for b in self.blocks],
-                               item_tfms=[transform_spec(t) for t in self.valid.item_tfms],
-                               batch_tfms=[transform_spec(t) for t in self.valid.batch_tfms],
+                               item_tfms=[transform_spec(tfm) for tfm in self.valid.item_tfms],
+                               batch_tfms=[transform_spec(tfm) for tfm in self.valid.batch_tfms],
                                n_inp=self.n_inp, bs=self.valid.bs)
 
     @classmethod
@@ -552,15 +591,16 @@ class DataLoaders:
     def for_inference(cls, blocks: list, item_tfms: list, batch_tfms: list, n_inp: int, bs: int) -> "DataLoaders":
         "Loaders with no data, rebuilt from `export_state`: `test_dl`, `decode_target`, `vocab` and `c` work."
         blocks = [build_exportable(b) for b in blocks]
-        common = dict(bs=bs, item_tfms=[build_exportable(t) for t in item_tfms], kinds=[b.kind for b in blocks],
-                      batch_tfms=[build_exportable(t) for t in batch_tfms], n_inp=n_inp, cache=False)
+        common = dict(bs=bs, item_tfms=[build_exportable(spec) for spec in item_tfms], kinds=[b.kind for b in blocks],
+                      batch_tfms=[build_exportable(spec) for spec in batch_tfms], n_inp=n_inp, cache=False)
         empty = ListDataset([])
         return cls(DataLoader(empty, training=True, **common), DataLoader(empty, **common), blocks)
 
     def decode_batch(self, batch: tuple, max_n: int = 9) -> list:
         "The first `max_n` samples of a batch, on the CPU, with the batch transforms undone (for display)."
         kinds = tuple(b.kind for b in self.blocks[:len(batch)])
-        for t in reversed(self.valid.batch_tfms): batch = t.decode(batch, kinds)
+        for tfm in reversed(self.valid.batch_tfms):
+            batch = tfm.decode(batch, kinds)
         batch = [x[:max_n].detach().cpu() if isinstance(x, torch.Tensor) else x[:max_n] for x in batch]
         return list(zip(*batch))
 
@@ -570,7 +610,7 @@ class DataLoaders:
         axs = _grid(len(samples), ncols, figsize)
         for sample, ax in zip(samples, axs):
             titles = [b.show(x, ax) for b, x in zip(self.blocks, sample)]
-            _finish_axis(ax, " / ".join(t for t in titles if t))
+            _finish_axis(ax, " / ".join(title for title in titles if title))
         return axs
 
     def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None):
@@ -584,8 +624,10 @@ class DataLoaders:
             if pictures:
                 ax_t, ax_p = axs[2 * i], axs[2 * i + 1]
                 for ax, mask, name in ((ax_t, target, "target"), (ax_p, pred, "prediction")):
-                    for b, x in zip(self.blocks, inputs): b.show(x, ax)
-                    if mask is not None: self.target_block.show(mask, ax)
+                    for b, x in zip(self.blocks, inputs):
+                        b.show(x, ax)
+                    if mask is not None:
+                        self.target_block.show(mask, ax)
                     _finish_axis(ax, name)
                 continue
             ax = axs[i]
@@ -593,7 +635,7 @@ class DataLoaders:
             tb = self.target_block
             result = f"{tb.label(target)}/{tb.label(pred)}" if target is not None else tb.label(pred)
             correct = target is not None and tb.label(target) == tb.label(pred)
-            _finish_axis(ax, " / ".join([t for t in titles if t] + [result]), color="green" if correct else "red")
+            _finish_axis(ax, " / ".join([title for title in titles if title] + [result]), color="green" if correct else "red")
         return axs
 
     def __repr__(self): return f"DataLoaders(train={self.train}, valid={self.valid}, blocks={self.blocks})"
@@ -605,21 +647,27 @@ def _grid(n: int, ncols: int, figsize=None) -> list:
     nrows = max(1, -(-n // ncols))
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False)
     axs = list(axs.flat)
-    for ax in axs[n:]: ax.set_axis_off()
+    for ax in axs[n:]:
+        ax.set_axis_off()
     return axs[:n]
 
 def _finish_axis(ax, title: str, color: str = "black"):
     ax.set_title(title, color=color, fontsize=9)
-    if not ax.images: ax.set_xticks([]); ax.set_yticks([])
+    if not ax.images:
+        ax.set_xticks([])
+        ax.set_yticks([])
 
-# %% ../../nbs/core/03_data_core.ipynb #09f267be
+# %% ../../nbs/core/03_data_core.ipynb #2466e6f8
 def RandomSplitter(valid_pct: float = 0.2, seed: int | None = None) -> Callable:
     "Split off a random `valid_pct` of the items for validation (the same split every time with `seed`)."
-    if not 0 <= valid_pct < 1: raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
+    if not 0 <= valid_pct < 1:
+        raise ValueError(f"valid_pct must be in [0, 1), got {valid_pct}")
     def random_split(items):
         generator = torch.Generator()
-        if seed is None: generator.seed()
-        else: generator.manual_seed(seed)
+        if seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(seed)
         order = torch.randperm(len(items), generator=generator).tolist()
         cut = int(valid_pct * len(items))
         return sorted(order[cut:]), sorted(order[:cut])
@@ -657,22 +705,33 @@ def FileSplitter(fname) -> Callable:
     return FuncSplitter(lambda o: Path(o).name in names)
 
 def ColSplitter(col: str = "is_valid") -> Callable:
-    "Split a DataFrame's rows by a column of booleans (true: validation)."
+    "Split a DataFrame's rows by a column of flags (true: validation): booleans, 0/1, or 'True'/'False' in any case."
     def col_split(items):
-        if not isinstance(items, pd.DataFrame): raise TypeError(f"ColSplitter needs a DataFrame, got {type(items).__name__}")
-        if col not in items.columns: raise KeyError(f"ColSplitter: no column {col!r}; the columns are {list(items.columns)}")
-        is_valid = [_as_bool(v) for v in items[col]]
+        if not isinstance(items, pd.DataFrame):
+            raise TypeError(f"ColSplitter needs a DataFrame, got {type(items).__name__}")
+        if col not in items.columns:
+            raise KeyError(f"ColSplitter: no column {col!r}; the columns are {list(items.columns)}")
+        is_valid = [_valid_flag(value, col, row) for row, value in enumerate(items[col])]
         return [i for i, v in enumerate(is_valid) if not v], [i for i, v in enumerate(is_valid) if v]
     return col_split
 
-def _as_bool(v) -> bool:
-    if isinstance(v, str): return v.strip().lower() in ("1", "true", "yes", "t", "y")
-    return bool(v)
+_FLAG_WORDS = {"true": True, "false": False, "1": True, "0": False}
+
+def _valid_flag(value, col, row: int) -> bool:
+    "One value of a validation column as a bool; anything but a boolean, 0/1 or 'True'/'False' is an error."
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, float, np.integer, np.floating)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _FLAG_WORDS:
+        return _FLAG_WORDS[value.strip().lower()]
+    raise ValueError(f"Column {col!r}, row {row}: {value!r} is not a validation flag. Use True/False (or 1/0, or the "
+                     f"strings 'True'/'False') for every row, e.g. df[{col!r}] = df[{col!r}].fillna(False).astype(bool).")
 
 def _item_at(items, i: int):
     return items.iloc[i] if isinstance(items, pd.DataFrame) else items[i]
 
-# %% ../../nbs/core/03_data_core.ipynb #7c7de6b5
+# %% ../../nbs/core/03_data_core.ipynb #b7c9849b
 def parent_label(o) -> str:
     "The name of the folder that holds file `o` (`train/cat/1.jpg` -> `cat`)."
     return Path(o).parent.name
@@ -688,7 +747,8 @@ class RegexLabeller:
         if found is None:
             raise ValueError(f"RegexLabeller: pattern {self.pat.pattern!r} does not match {text!r}; "
                              "fix the pattern, or remove such files from the items.")
-        if not found.groups(): raise ValueError(f"RegexLabeller: pattern {self.pat.pattern!r} needs a group, e.g. (.+)")
+        if not found.groups():
+            raise ValueError(f"RegexLabeller: pattern {self.pat.pattern!r} needs a group, e.g. (.+)")
         return found.group(1)
 
 class ColReader:
@@ -698,20 +758,25 @@ class ColReader:
         self.pref, self.suff, self.label_delim = pref, suff, label_delim
 
     def _read(self, row, col):
-        if isinstance(col, int) and col not in row.index: value = row.iloc[col]
-        elif col in row.index: value = row[col]
-        else: raise KeyError(f"ColReader: no column {col!r}; the row has {list(row.index)}")
+        if isinstance(col, int) and col not in row.index:
+            value = row.iloc[col]
+        elif col in row.index:
+            value = row[col]
+        else:
+            raise KeyError(f"ColReader: no column {col!r}; the row has {list(row.index)}")
         if self.label_delim is not None:
             return [] if pd.isna(value) else [v for v in str(value).split(self.label_delim) if v]
-        if isinstance(self.pref, Path): return self.pref / f"{value}{self.suff}"
-        if self.pref or self.suff: return f"{self.pref}{value}{self.suff}"
+        if isinstance(self.pref, Path):
+            return self.pref / f"{value}{self.suff}"
+        if self.pref or self.suff:
+            return f"{self.pref}{value}{self.suff}"
         return value
 
     def __call__(self, row):
         values = [self._read(row, c) for c in self.cols]
         return values[0] if len(values) == 1 else values
 
-# %% ../../nbs/core/03_data_core.ipynb #8ba9c098
+# %% ../../nbs/core/03_data_core.ipynb #124feac9
 class Datasets:
     "The training and validation `BlockDataset`s that `DataBlock.datasets` makes, and their (set-up) blocks."
     def __init__(self, train: BlockDataset, valid: BlockDataset, blocks: Sequence):
@@ -737,10 +802,11 @@ class DataBlock:
                              f"got {len(self.blocks)} blocks with n_inp={self.n_inp}.")
         self.get_items, self.splitter = get_items, splitter or RandomSplitter()
         get_xs = list(get_x) if isinstance(get_x, (list, tuple)) else [get_x] * self.n_inp
-        if len(get_xs) != self.n_inp: raise ValueError(f"get_x has {len(get_xs)} functions for {self.n_inp} inputs.")
+        if len(get_xs) != self.n_inp:
+            raise ValueError(f"get_x has {len(get_xs)} functions for {self.n_inp} inputs.")
         self.getters = [g if g is not None else _identity for g in get_xs + [get_y]]
-        block_items = [t for b in self.blocks for t in b.item_tfms]
-        block_batch = [t for b in self.blocks for t in b.batch_tfms]
+        block_items = [tfm for b in self.blocks for tfm in b.item_tfms]
+        block_batch = [tfm for b in self.blocks for tfm in b.batch_tfms]
         self.item_tfms = sort_transforms(block_items + sort_transforms(item_tfms))
         self.batch_tfms = sort_transforms(block_batch + sort_transforms(batch_tfms))
 
@@ -757,7 +823,8 @@ class DataBlock:
     def datasets(self, source) -> Datasets:
         "Training and validation datasets of samples for `source`."
         items = self.items(source)
-        if len(items) == 0: raise ValueError(f"No items found in {source!r}: check the path and get_items.")
+        if len(items) == 0:
+            raise ValueError(f"No items found in {source!r}: check the path and get_items.")
         train_idx, valid_idx = self.splitter(items)
         blocks = self._setup_blocks(items)
         subset = (lambda idx: items.iloc[idx].reset_index(drop=True)) if isinstance(items, pd.DataFrame) else \
@@ -793,9 +860,9 @@ class DataBlock:
             sample.append(b.encode(value))
             print(f"  {role}: {_name(g)} -> {_short(value)}; {type(b).__name__}.encode -> {_short(sample[-1])}")
         sample, kinds = tuple(sample), tuple(b.kind for b in blocks)
-        for t in self.item_tfms:
-            sample = t(t.prepare(sample, kinds), kinds, True)
-            print(f"  item transform {t!r} -> {', '.join(map(_short, sample))}")
+        for tfm in self.item_tfms:
+            sample = tfm(tfm.prepare(sample, kinds), kinds, True)
+            print(f"  item transform {tfm!r} -> {', '.join(map(_short, sample))}")
         dset = BlockDataset([_item_at(items, i) for i in train_idx[:bs]], blocks, self.getters, self.n_inp)
         dl = DataLoader(dset, bs=bs, device="cpu", item_tfms=self.item_tfms, kinds=kinds, n_inp=self.n_inp,
                         training=True, cache=False)
@@ -813,10 +880,13 @@ def _name(f) -> str:
 def _short(x, width: int = 70) -> str:
     "A one-line description: shape, dtype and range for tensors, a shortened repr otherwise."
     if isinstance(x, torch.Tensor):
-        if x.numel() == 1: return f"tensor({x.item()})"
-        if x.numel() == 0: return "empty tensor"
+        if x.numel() == 1:
+            return f"tensor({x.item()})"
+        if x.numel() == 0:
+            return "empty tensor"
         lo, hi = x.min().item(), x.max().item()
         return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} in [{lo:.4g}, {hi:.4g}]"
-    if isinstance(x, pd.DataFrame): return f"DataFrame{x.shape}"
+    if isinstance(x, pd.DataFrame):
+        return f"DataFrame{x.shape}"
     text = repr(x)
     return text if len(text) <= width else text[:width - 3] + "..."

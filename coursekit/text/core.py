@@ -7,10 +7,13 @@ vocabulary that turns tokens into integers. Part of lesson 4 (IMDB)."""
 __all__ = ['UNK', 'PAD', 'BOS', 'EOS', 'FLD', 'TK_REP', 'TK_WREP', 'TK_UP', 'TK_MAJ', 'SPECIAL_TOKENS', 'RULES', 'DEFAULT_RULES',
            'TOKENIZER_VERSION', 'fix_html', 'replace_rep', 'replace_wrep', 'spec_add_spaces', 'rm_useless_spaces',
            'replace_all_caps', 'replace_maj', 'lowercase', 'apply_rules', 'split_words', 'tokenize', 'corpus_key',
-           'default_token_cache', 'tokenize_texts', 'Vocab']
+           'default_token_cache', 'check_unicode', 'tokenize_texts', 'Vocab']
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #55fd4dda
-import hashlib, html, os, re
+# %% ../../nbs/lessons/04a_text_core.ipynb #9ed38137
+import hashlib
+import html
+import os
+import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -21,12 +24,12 @@ import torch
 
 from ..core import atomic_write
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #96815c33
+# %% ../../nbs/lessons/04a_text_core.ipynb #7b98e7cf
 UNK, PAD, BOS, EOS, FLD, TK_REP, TK_WREP, TK_UP, TK_MAJ = (
     "xxunk", "xxpad", "xxbos", "xxeos", "xxfld", "xxrep", "xxwrep", "xxup", "xxmaj")
 SPECIAL_TOKENS = [UNK, PAD, BOS, EOS, FLD, TK_REP, TK_WREP, TK_UP, TK_MAJ]
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #9960b0d3
+# %% ../../nbs/lessons/04a_text_core.ipynb #331beb7c
 _re_spaces = re.compile(r"  +")
 _re_br = re.compile(r"<\s*br\s*/?\s*>", re.IGNORECASE)
 _re_rep = re.compile(r"(\S)(\1{3,})")
@@ -74,7 +77,7 @@ def lowercase(t: str) -> str:
     "Lower-case everything and start the text with `xxbos`."
     return f"{BOS} " + t.lower().strip()
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #a9350415
+# %% ../../nbs/lessons/04a_text_core.ipynb #c1c768af
 RULES = {f.__name__: f for f in
          (fix_html, replace_rep, replace_wrep, spec_add_spaces, rm_useless_spaces, replace_all_caps, replace_maj, lowercase)}
 DEFAULT_RULES = list(RULES)
@@ -82,11 +85,12 @@ DEFAULT_RULES = list(RULES)
 def apply_rules(t: str, rules=None) -> str:
     "Apply the named `rules` (default: all of `DEFAULT_RULES`, in order) to the text `t`."
     for name in DEFAULT_RULES if rules is None else rules:
-        if name not in RULES: raise KeyError(f"Unknown tokenization rule {name!r}; the rules are {list(RULES)}")
+        if name not in RULES:
+            raise KeyError(f"Unknown tokenization rule {name!r}; the rules are {list(RULES)}")
         t = RULES[name](t)
     return t
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #27611075
+# %% ../../nbs/lessons/04a_text_core.ipynb #0c86a7c1
 _re_tok = re.compile(r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\w+|[^\w\s]", re.IGNORECASE)
 
 def split_words(t: str) -> list[str]:
@@ -97,7 +101,7 @@ def tokenize(t: str, rules=None) -> list[str]:
     "The tokens of one text: the rules, then `split_words`."
     return split_words(apply_rules(t, rules))
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #88f73ba2
+# %% ../../nbs/lessons/04a_text_core.ipynb #17ea0ffa
 TOKENIZER_VERSION = "re-words-1"
 
 def _tokenize_chunk(args) -> list[str]:
@@ -108,7 +112,9 @@ def _tokenize_chunk(args) -> list[str]:
 def corpus_key(texts, rules=None) -> str:
     "A hash of the texts, the rules and the tokenizer version: the name of the cache file."
     h = hashlib.sha256(f"{TOKENIZER_VERSION}|{DEFAULT_RULES if rules is None else list(rules)}".encode())
-    for t in texts: h.update(t.encode("utf-8", "surrogatepass")); h.update(b"\0")
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\0")
     return h.hexdigest()[:32]
 
 def default_token_cache() -> Path:
@@ -116,40 +122,59 @@ def default_token_cache() -> Path:
     root = os.environ.get("COURSEKIT_DATA")
     return Path(root) / "tokens" if root else Path.home() / ".cache" / "coursekit" / "tokens"
 
+def check_unicode(texts: list[str]):
+    "Raise a ValueError naming the first text that is not valid Unicode (it holds a lone surrogate), and how to fix it."
+    for i, text in enumerate(texts):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise ValueError(f"Cannot tokenize text {i} (of {len(texts)}): it holds a lone surrogate {text[err.start]!r} at "
+                             f"character {err.start} (after {text[max(0, err.start - 30):err.start]!r}), which is not valid "
+                             "Unicode. It comes from bytes decoded with errors='surrogateescape' or with the wrong encoding: "
+                             "read the source again with its encoding=..., or clean the text with "
+                             "text.encode('utf-8', 'replace').decode('utf-8').") from err
+
 def tokenize_texts(texts, rules=None, n_workers: int | None = None, cache_dir=None, use_cache: bool = True) -> list[str]:
     "Tokenize `texts` in parallel; each result is one string of space-separated tokens. Cached on disk."
     texts = [str(t) for t in texts]
+    check_unicode(texts)
     cache = Path(cache_dir) if cache_dir is not None else default_token_cache()
     fname = cache / f"{corpus_key(texts, rules)}.txt"
     if use_cache and fname.exists():
         docs = fname.read_text(encoding="utf-8").split("\n")
-        if len(docs) == len(texts): return docs
+        if len(docs) == len(texts):
+            return docs
     docs = _tokenize_parallel(texts, rules, n_workers)
-    if use_cache: atomic_write(fname, lambda f: f.write("\n".join(docs).encode("utf-8")))
+    if use_cache:
+        atomic_write(fname, lambda f: f.write("\n".join(docs).encode("utf-8")))
     return docs
 
 def _tokenize_parallel(texts, rules, n_workers):
     "Split the texts into chunks and tokenize them over `n_workers` processes (1: in this process)."
-    if n_workers is None: n_workers = min(len(os.sched_getaffinity(0)), 8) if hasattr(os, "sched_getaffinity") else 1
-    if n_workers <= 1 or len(texts) < 200: return _tokenize_chunk((texts, rules))
+    if n_workers is None:
+        n_workers = min(len(os.sched_getaffinity(0)), 8) if hasattr(os, "sched_getaffinity") else 1
+    if n_workers <= 1 or len(texts) < 200:
+        return _tokenize_chunk((texts, rules))
     step = max(1, len(texts) // (n_workers * 4) + 1)
     chunks = [(texts[i:i + step], rules) for i in range(0, len(texts), step)]
     with ProcessPoolExecutor(n_workers, mp_context=get_context("fork")) as pool:
         return [doc for part in pool.map(_tokenize_chunk, chunks) for doc in part]
 
-# %% ../../nbs/lessons/04a_text_core.ipynb #57709d98
+# %% ../../nbs/lessons/04a_text_core.ipynb #23bcbcc1
 class Vocab:
     "The list of known tokens (`itos`) and its inverse (`stoi`); unknown tokens map to `xxunk` (index 0)."
     def __init__(self, itos: list[str]):
         self.itos = list(itos)
         self.stoi = {w: i for i, w in enumerate(self.itos)}
-        if self.itos[:2] != [UNK, PAD]: raise ValueError(f"A vocabulary must start with {UNK!r}, {PAD!r}; got {self.itos[:2]}")
+        if self.itos[:2] != [UNK, PAD]:
+            raise ValueError(f"A vocabulary must start with {UNK!r}, {PAD!r}; got {self.itos[:2]}")
 
     @classmethod
     def from_docs(cls, docs, max_vocab: int = 60000, min_freq: int = 2):
         "Build the vocabulary of tokenized `docs` (space-separated strings or lists of tokens)."
         counts = Counter()
-        for d in docs: counts.update(d.split() if isinstance(d, str) else d)
+        for d in docs:
+            counts.update(d.split() if isinstance(d, str) else d)
         words = [w for w, c in counts.most_common(max_vocab) if c >= min_freq and w not in SPECIAL_TOKENS]
         itos = SPECIAL_TOKENS + words[:max_vocab - len(SPECIAL_TOKENS)]
         itos += [f"xxfake{i}" for i in range(-len(itos) % 8)]

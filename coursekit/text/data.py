@@ -8,7 +8,7 @@ DataFrame, a CSV file or a folder of text files. Part of lesson 4 (IMDB)."""
 __all__ = ['TextDataset', 'bptt_lengths', 'TextLoader', 'LMDataLoader', 'pad_batch', 'SortedDataLoader', 'TextDataLoaders',
            'folder_to_df']
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #b2176ec3
+# %% ../../nbs/lessons/04b_text_data.ipynb #1cd7fd05
 import math
 from pathlib import Path
 
@@ -18,10 +18,10 @@ import torch
 import torch.utils.data as tud
 
 from ..core import default_device, exportable, exportable_spec
-from ..data.core import CategoryBlock, DataLoaders, TransformBlock
+from ..data.core import CategoryBlock, ColSplitter, DataLoaders, RandomSplitter, TransformBlock
 from .core import PAD, Vocab, tokenize_texts
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #60a1bf6d
+# %% ../../nbs/lessons/04b_text_data.ipynb #35c6374a
 class TextDataset(tud.Dataset):
     "Numericalized documents (`docs`, arrays of ids), optional integer `labels` and the original `texts`."
     def __init__(self, docs: list, labels=None, texts=None):
@@ -37,7 +37,7 @@ class TextDataset(tud.Dataset):
         x = torch.from_numpy(self.docs[i])
         return (x,) if self.labels is None else (x, torch.tensor(self.labels[i]))
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #ccf9bf14
+# %% ../../nbs/lessons/04b_text_data.ipynb #e1c49c1e
 def bptt_lengths(total: int, seq_len: int, n_batches: int, random: bool, generator=None) -> list[int]:
     "`n_batches` sequence lengths that add up to `total`: equal-ish, or randomly around `seq_len` (half-length 5% of the time)."
     if not random or n_batches == 1:
@@ -49,7 +49,9 @@ def bptt_lengths(total: int, seq_len: int, n_batches: int, random: bool, generat
     sizes = (draws * total / draws.sum()).floor().long().clamp(min=1)
     sizes[-1] = total - sizes[:-1].sum()
     while sizes[-1] < 1:  # rounding left nothing for the last batch: take one token from the longest
-        j = int(sizes[:-1].argmax()); sizes[j] -= 1; sizes[-1] += 1
+        j = int(sizes[:-1].argmax())
+        sizes[j] -= 1
+        sizes[-1] += 1
     return sizes.tolist()
 
 class TextLoader:
@@ -64,7 +66,8 @@ class TextLoader:
 class LMDataLoader(TextLoader):
     "Language-model batches `(x, y)` of shape `(bs, ~seq_len)`: `bs` contiguous streams; `y` is `x` shifted by one."
     def __init__(self, dataset: TextDataset, bs: int = 64, seq_len: int = 72, shuffle: bool = False, device=None):
-        if bs < 1 or seq_len < 2: raise ValueError(f"bs must be >= 1 and seq_len >= 2, got bs={bs}, seq_len={seq_len}")
+        if bs < 1 or seq_len < 2:
+            raise ValueError(f"bs must be >= 1 and seq_len >= 2, got bs={bs}, seq_len={seq_len}")
         self.dataset, self.bs, self.seq_len, self.shuffle = dataset, bs, seq_len, shuffle
         self.device = torch.device(device) if device is not None else default_device()
         self.n_inp, self.training = 1, shuffle
@@ -97,21 +100,25 @@ class LMDataLoader(TextLoader):
     def __repr__(self):
         return f"LMDataLoader({len(self.dataset)} docs, {self.n_tokens} tokens, bs={self.bs}, seq_len={self.seq_len})"
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #48e655df
+# %% ../../nbs/lessons/04b_text_data.ipynb #7f3978c5
 def pad_batch(docs: list, pad_idx: int = 1, pad_first: bool = True) -> torch.Tensor:
     "Stack token tensors of different lengths into one `(n, max_len)` tensor, padded with `pad_idx`."
     out = torch.full((len(docs), max(len(d) for d in docs)), pad_idx, dtype=torch.long)
     for i, d in enumerate(docs):
-        if len(d) == 0: continue
-        if pad_first: out[i, -len(d):] = d
-        else: out[i, :len(d)] = d
+        if len(d) == 0:
+            continue
+        if pad_first:
+            out[i, -len(d):] = d
+        else:
+            out[i, :len(d)] = d
     return out
 
 class SortedDataLoader(TextLoader):
     "Classifier batches `(x, y)` (or `(x,)` without labels): documents of similar lengths, padded to the longest."
     def __init__(self, dataset: TextDataset, bs: int = 64, shuffle: bool = False, drop_last: bool = False,
                  pad_idx: int = 1, device=None):
-        if bs < 1: raise ValueError(f"bs must be at least 1, got {bs}")
+        if bs < 1:
+            raise ValueError(f"bs must be at least 1, got {bs}")
         self.dataset, self.bs, self.shuffle, self.drop_last, self.pad_idx = dataset, bs, shuffle, drop_last, pad_idx
         self.device = torch.device(device) if device is not None else default_device()
         self.n_inp, self.training = 1, shuffle
@@ -134,7 +141,8 @@ class SortedDataLoader(TextLoader):
         chunks = np.split(idx, range(chunk, len(idx), chunk))
         sorted_idx = np.concatenate([c[np.argsort(-self._lengths[c], kind="stable")] for c in chunks])
         batches = [sorted_idx[i:i + self.bs].tolist() for i in range(0, len(sorted_idx), self.bs)]
-        if self.drop_last and len(batches[-1]) < self.bs: batches.pop()
+        if self.drop_last and len(batches[-1]) < self.bs:
+            batches.pop()
         longest = int(np.argmax([self._lengths[b].max() for b in batches]))
         first, rest = batches[longest], batches[:longest] + batches[longest + 1:]
         return [first] + [rest[i] for i in torch.randperm(len(rest)).tolist()]
@@ -142,8 +150,10 @@ class SortedDataLoader(TextLoader):
     def __iter__(self):
         for b in self._index_batches():
             x = pad_batch([torch.from_numpy(self.dataset.docs[i]) for i in b], self.pad_idx).to(self.device)
-            if self.dataset.labels is None: yield (x,)
-            else: yield (x, torch.from_numpy(self.dataset.labels[b]).to(self.device))
+            if self.dataset.labels is None:
+                yield (x,)
+            else:
+                yield (x, torch.from_numpy(self.dataset.labels[b]).to(self.device))
 
     def new(self, items=None, shuffle: bool = False, drop_last: bool = False, bs: int | None = None) -> "SortedDataLoader":
         "A loader like this one over other documents (a `TextDataset`), not shuffled by default."
@@ -152,24 +162,36 @@ class SortedDataLoader(TextLoader):
 
     def __repr__(self): return f"SortedDataLoader({len(self.dataset)} docs, bs={self.bs}, shuffle={self.shuffle})"
 
-# %% ../../nbs/lessons/04b_text_data.ipynb #3e530941
+# %% ../../nbs/lessons/04b_text_data.ipynb #17c596e0
 def _text_column(df: pd.DataFrame, text_col) -> list[str]:
     "The texts of `text_col`, or of several columns joined with `xxfld n` markers."
     cols = [text_col] if isinstance(text_col, str) else list(text_col)
     missing = [c for c in cols if c not in df.columns]
-    if missing: raise KeyError(f"Column(s) {missing} not in the DataFrame; its columns are {list(df.columns)}")
-    if len(cols) == 1: return df[cols[0]].astype(str).tolist()
+    if missing:
+        raise KeyError(f"Column(s) {missing} not in the DataFrame; its columns are {list(df.columns)}")
+    no_text = df[cols].isna().any(axis=1).to_numpy()
+    if no_text.any():
+        raise ValueError(f"{int(no_text.sum())} row(s) have no text in {cols} (e.g. row {int(np.flatnonzero(no_text)[0])}): "
+                         f"drop them, e.g. df.dropna(subset={cols}), or fill them, e.g. df.fillna({{{cols[0]!r}: ''}}).")
+    if len(cols) == 1:
+        return df[cols[0]].astype(str).tolist()
     return [" ".join(f"xxfld {i + 1} {v}" for i, v in enumerate(row)) for row in df[cols].astype(str).itertuples(index=False)]
 
-def _split_rows(df: pd.DataFrame, valid_col, valid_pct: float, seed: int | None):
-    "Boolean mask of the validation rows: from `valid_col`, else a random `valid_pct`."
-    if valid_col is not None:
-        if valid_col not in df.columns: raise KeyError(f"valid_col {valid_col!r} is not a column; columns: {list(df.columns)}")
-        return df[valid_col].astype(str).str.lower().isin(["true", "1", "yes"]).to_numpy()
-    g = torch.Generator().manual_seed(seed if seed is not None else 42)
+def _split_rows(df: pd.DataFrame, valid_col, valid_pct: float, seed: int | None) -> np.ndarray:
+    "Boolean mask of the validation rows: `ColSplitter(valid_col)`, else `RandomSplitter(valid_pct, seed)`."
+    splitter = ColSplitter(valid_col) if valid_col is not None else RandomSplitter(valid_pct, seed)
+    _, valid_idx = splitter(df)
     mask = np.zeros(len(df), dtype=bool)
-    mask[torch.randperm(len(df), generator=g)[:int(valid_pct * len(df))].numpy()] = True
+    mask[valid_idx] = True
     return mask
+
+def _read_text(fname: Path, encoding: str) -> str:
+    "The text of `fname`; a file that is not valid `encoding` is an error naming it and saying how to read it."
+    try:
+        return fname.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{fname} is not valid {encoding} text ({err.reason} at byte {err.start}): pass the files' "
+                         "encoding, e.g. from_folder(..., encoding='latin-1'), or convert them to UTF-8.") from err
 
 class TextDataLoaders(DataLoaders):
     "Language-model or classifier loaders over texts, with the token vocabulary `text_vocab` and the tokenizer `rules`."
@@ -189,6 +211,9 @@ class TextDataLoaders(DataLoaders):
         if not is_lm and label_col not in df.columns:
             raise KeyError(f"label_col {label_col!r} is not a column; columns: {list(df.columns)} "
                            "(language model? pass is_lm=True)")
+        if not is_lm and df[label_col].isna().any():
+            raise ValueError(f"{int(df[label_col].isna().sum())} row(s) have no label in {label_col!r}: drop them, "
+                             f"e.g. df.dropna(subset=[{label_col!r}]), or use them for a language model (is_lm=True).")
         is_valid = _split_rows(df, valid_col, valid_pct, seed)
         docs = tokenize_texts(_text_column(df, text_col), rules=rules, n_workers=n_workers, cache_dir=cache_dir)
         train_docs = [d for d, v in zip(docs, is_valid) if not v]
@@ -197,7 +222,8 @@ class TextDataLoaders(DataLoaders):
         texts = _text_column(df, text_col)
         split = lambda seq, want_valid: [s for s, v in zip(seq, is_valid) if v == want_valid]
         if is_lm:
-            if not is_valid.any(): raise ValueError("The validation set is empty: set valid_col or valid_pct.")
+            if not is_valid.any():
+                raise ValueError("The validation set is empty: set valid_col or valid_pct.")
             train = LMDataLoader(TextDataset(split(ids, False)), bs=bs, seq_len=seq_len, shuffle=True, device=device)
             valid = LMDataLoader(TextDataset(split(ids, True)), bs=bs, seq_len=seq_len, device=device)
             blocks = [TransformBlock(), CategoryBlock(vocab.itos, encoded=True)]
@@ -214,9 +240,14 @@ class TextDataLoaders(DataLoaders):
     def from_csv(cls, path, csv_fname="texts.csv", text_col="text", label_col="label", valid_col="is_valid",
                  valid_pct: float = 0.1, is_lm: bool = False, text_vocab: Vocab | None = None, bs: int = 64,
                  seq_len: int = 72, max_vocab: int = 60000, min_freq: int = 2, rules=None, n_workers: int | None = None,
-                 cache_dir=None, device=None, seed: int | None = None) -> "TextDataLoaders":
-        "Loaders from the CSV file `path/csv_fname` (read with pandas; `.csv.gz` works too)."
-        df = pd.read_csv(Path(path) / csv_fname)
+                 cache_dir=None, device=None, seed: int | None = None, encoding: str = "utf-8") -> "TextDataLoaders":
+        "Loaders from the CSV file `path/csv_fname` (read with pandas in `encoding`; `.csv.gz` works too)."
+        fname = Path(path) / csv_fname
+        try:
+            df = pd.read_csv(fname, encoding=encoding)
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{fname} is not valid {encoding} text ({err.reason} at byte {err.start}): pass its "
+                             "encoding, e.g. from_csv(..., encoding='latin-1'), or convert it to UTF-8.") from err
         return cls.from_df(df, text_col=text_col, label_col=label_col, valid_col=valid_col, valid_pct=valid_pct, is_lm=is_lm,
                            text_vocab=text_vocab, bs=bs, seq_len=seq_len, max_vocab=max_vocab, min_freq=min_freq,
                            rules=rules, n_workers=n_workers, cache_dir=cache_dir, device=device, seed=seed)
@@ -225,16 +256,18 @@ class TextDataLoaders(DataLoaders):
     def from_folder(cls, path, train="train", valid="test", classes=None, is_lm: bool = False, extra_folders=(),
                     text_vocab: Vocab | None = None, bs: int = 64, seq_len: int = 72, max_vocab: int = 60000,
                     min_freq: int = 2, rules=None, n_workers: int | None = None, cache_dir=None,
-                    device=None) -> "TextDataLoaders":
+                    device=None, encoding: str = "utf-8") -> "TextDataLoaders":
         "Loaders from `path/{train,valid}/<label>/*.txt` (fastai's IMDB layout); `extra_folders` add unlabelled LM texts."
-        df = folder_to_df(path, train=train, valid=valid, classes=classes, extra_folders=extra_folders if is_lm else ())
+        df = folder_to_df(path, train=train, valid=valid, classes=classes, extra_folders=extra_folders if is_lm else (),
+                          encoding=encoding)
         return cls.from_df(df, text_col="text", label_col="label", valid_col="is_valid", is_lm=is_lm, text_vocab=text_vocab,
                            bs=bs, seq_len=seq_len, max_vocab=max_vocab, min_freq=min_freq, rules=rules,
                            n_workers=n_workers, cache_dir=cache_dir, device=device)
 
     def test_dl(self, items, with_labels: bool = False, bs: int | None = None, label_col="label"):
         "A loader over new texts (a list of strings, or a DataFrame with the text column and, `with_labels`, the label column)."
-        if isinstance(items, str): raise TypeError("test_dl takes a list of texts; wrap a single text in a list.")
+        if isinstance(items, str):
+            raise TypeError("test_dl takes a list of texts; wrap a single text in a list.")
         if isinstance(items, pd.DataFrame):
             texts = _text_column(items, self.text_col)
             labels = [int(self.target_block.encode(v)) for v in items[label_col]] if with_labels else None
@@ -243,7 +276,8 @@ class TextDataLoaders(DataLoaders):
         docs = tokenize_texts(texts, rules=self.rules, n_workers=None if len(texts) > 1000 else 1,
                               use_cache=len(texts) > 1000, cache_dir=self.cache_dir)
         ds = TextDataset([self.text_vocab.numericalize(d) for d in docs], labels, texts)
-        if self.is_lm: return LMDataLoader(ds, bs=bs or self.valid.bs, seq_len=self.valid.seq_len, device=self.device)
+        if self.is_lm:
+            return LMDataLoader(ds, bs=bs or self.valid.bs, seq_len=self.valid.seq_len, device=self.device)
         return SortedDataLoader(ds, bs=bs or self.valid.bs, pad_idx=self.text_vocab.stoi[PAD], device=self.device)
 
     def show_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
@@ -253,15 +287,18 @@ class TextDataLoaders(DataLoaders):
         rows = []
         for i in range(min(max_n, len(x))):
             row = {"text": cut(self.text_vocab.decode(x[i]))}
-            if rest: row["target" if self.is_lm else "label"] = (cut(self.text_vocab.decode(rest[0][i])) if self.is_lm
+            if rest:
+                row["target" if self.is_lm else "label"] = (cut(self.text_vocab.decode(rest[0][i])) if self.is_lm
                                                                  else self.decode_target(rest[0][i]))
             rows.append(row)
-        with pd.option_context("display.max_colwidth", max_chars + 10): return pd.DataFrame(rows)
+        with pd.option_context("display.max_colwidth", max_chars + 10):
+            return pd.DataFrame(rows)
 
     def show_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
         "A table of decoded texts, targets and decoded predictions."
         table = self.show_batch(batch, max_n=max_n, max_chars=max_chars)
-        if not self.is_lm: table["prediction"] = [self.decode_target(p) for p in preds[:len(table)]]
+        if not self.is_lm:
+            table["prediction"] = [self.decode_target(p) for p in preds[:len(table)]]
         return table
 
     def export_state(self) -> dict:
@@ -284,16 +321,19 @@ class TextDataLoaders(DataLoaders):
             blocks = [TransformBlock(), CategoryBlock(list(classes), encoded=False)]
         return cls(train, valid, blocks, vocab, rules=rules, is_lm=is_lm)
 
-def folder_to_df(path, train="train", valid="test", classes=None, extra_folders=()) -> pd.DataFrame:
-    "A DataFrame (text, label, is_valid) of the `.txt` files in `path/{train,valid}/<label>/` and unlabelled `extra_folders`."
+def folder_to_df(path, train="train", valid="test", classes=None, extra_folders=(), encoding: str = "utf-8") -> pd.DataFrame:
+    "A DataFrame (text, label, is_valid) of the `.txt` files in `path/{train,valid}/<label>/` and `extra_folders`."
     path, rows = Path(path), []
     for split, is_valid in ((train, False), (valid, True)):
         folder = path / split
-        if not folder.is_dir(): raise FileNotFoundError(f"No folder {folder}: from_folder expects {path}/{train}/<label>/*.txt")
+        if not folder.is_dir():
+            raise FileNotFoundError(f"No folder {folder}: from_folder expects {path}/{train}/<label>/*.txt")
         for label_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
-            if classes is not None and label_dir.name not in classes: continue
-            if classes is None and label_dir.name in extra_folders: continue
-            rows += [(f.read_text(encoding="utf-8"), label_dir.name, is_valid) for f in sorted(label_dir.glob("*.txt"))]
+            if classes is not None and label_dir.name not in classes:
+                continue
+            if classes is None and label_dir.name in extra_folders:
+                continue
+            rows += [(_read_text(f, encoding), label_dir.name, is_valid) for f in sorted(label_dir.glob("*.txt"))]
     for extra in extra_folders:
-        rows += [(f.read_text(encoding="utf-8"), None, False) for f in sorted((path / extra).glob("*.txt"))]
+        rows += [(_read_text(f, encoding), None, False) for f in sorted((path / extra).glob("*.txt"))]
     return pd.DataFrame(rows, columns=["text", "label", "is_valid"])

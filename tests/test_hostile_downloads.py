@@ -368,6 +368,43 @@ def test_a_checksum_failure_is_not_kept(server, monkeypatch, data_env):
     assert everything_under(data_env) == []
 
 
+def test_a_server_that_sends_more_than_the_catalogue_size_is_stopped(server, monkeypatch, data_env):
+    base, served, _ = server
+    make_tar(served / "toyset.tgz", [tar_member("toyset/big.bin", data=os.urandom(3_000_000))])
+    pin(monkeypatch, served / "toyset.tgz", f"{base}/toyset.tgz", size=1000, sha256=None, md5_first_mib=None)
+    with pytest.raises(DownloadError, match="more than the 1,000 bytes"):
+        untar_data("TOY")
+    assert everything_under(data_env) == []
+
+
+def test_an_empty_archive_is_not_a_dataset(server, data_env):
+    base, served, _ = server
+    make_tar(served / "toyset.tgz", [])
+    with pytest.raises(DownloadError, match="holds no files"):
+        untar_data(f"{base}/toyset.tgz")
+    assert everything_under(data_env) == []
+
+
+def test_leftovers_of_a_killed_download_or_extraction_are_cleaned(server, monkeypatch, data_env):
+    base, served, _ = server
+    make_tar(served / "toyset.tgz", GOOD)
+    pin(monkeypatch, served / "toyset.tgz", f"{base}/toyset.tgz")
+    (data_env / ".toyset.extracting-abc123" / "toyset").mkdir(parents=True)
+    (data_env / "toyset.tgz.k1ll3d.part").write_bytes(b"half a download")
+    (data_env / "unrelated.part").write_bytes(b"not ours")
+    assert (untar_data("TOY") / "labels.csv").is_file()
+    assert everything_under(data_env) == ["toyset", "toyset.tgz", "toyset/a.png", "toyset/labels.csv",
+                                          "unrelated.part"]
+
+
+def test_a_data_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
+    (tmp_path / "data-file").write_text("x")
+    monkeypatch.setenv("COURSEKIT_DATA", str(tmp_path / "data-file"))
+    with pytest.raises(NotADirectoryError, match="COURSEKIT_DATA"):
+        untar_data("http://127.0.0.1:9/toyset.tgz")
+    assert (tmp_path / "data-file").read_text() == "x"
+
+
 def test_two_concurrent_calls_download_once_and_both_get_the_folder(server, monkeypatch, data_env):
     base, served, handler = server
     handler.delay = 0.5

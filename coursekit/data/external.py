@@ -8,7 +8,7 @@ __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folde
            'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError',
            'UnreadableArchiveError', 'safe_extract', 'register_standin', 'untar_data', 'seed_weights_cache']
 
-# %% ../../nbs/core/02_data_external.ipynb #39b2d332
+# %% ../../nbs/core/02_data_external.ipynb #5a40ecc5
 import contextlib
 import fcntl
 import hashlib
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import coursekit
 
-# %% ../../nbs/core/02_data_external.ipynb #e9857c9e
+# %% ../../nbs/core/02_data_external.ipynb #a7675d1b
 def _is_plain_name(name: str) -> bool:
     "Whether `name` is one ordinary file or folder name: not empty, not hidden, no separator or NUL."
     return bool(name) and not name.startswith(".") and not set(name) & set("/\\\0")
@@ -81,7 +81,7 @@ class CatalogueEntry:
         "The checks a download of this entry must pass, as keyword arguments of `verify_file`."
         return {"size": self.size, "sha256": self.sha256, "md5": self.md5, "md5_first_mib": self.md5_first_mib}
 
-# %% ../../nbs/core/02_data_external.ipynb #86a8774c
+# %% ../../nbs/core/02_data_external.ipynb #661ce3b4
 _FASTAI_CHECKS = "size and md5_first_mib: fastai's fastai/data/checks.txt"
 _FASTAI_JL = "sha256: FluxML/FastAI.jl src/datasets/fastaidatasets.jl (one independent source)"
 _PETS_CITE = "O. M. Parkhi, A. Vedaldi, A. Zisserman, C. V. Jawahar. Cats and Dogs. CVPR 2012."
@@ -167,7 +167,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in [
                  "S. Merity, N. S. Keskar, R. Socher. Regularizing and Optimizing LSTM Language Models. ICLR 2018."),
 ]}
 
-# %% ../../nbs/core/02_data_external.ipynb #28d9baa0
+# %% ../../nbs/core/02_data_external.ipynb #f0472007
 class URLs:
     "The catalogue's download addresses by name, as in fastai: `untar_data(URLs.PETS)`."
     PETS = CATALOGUE["PETS"].url
@@ -182,7 +182,7 @@ class URLs:
     WIKITEXT_2 = CATALOGUE["WIKITEXT_2"].url
     WT103_FWD = CATALOGUE["WT103_FWD"].url
 
-# %% ../../nbs/core/02_data_external.ipynb #c2ab644f
+# %% ../../nbs/core/02_data_external.ipynb #f8da576e
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 def _strip_archive_suffix(name: str) -> str:
@@ -208,7 +208,7 @@ def catalogue_entry(name_or_url) -> CatalogueEntry:
     return CatalogueEntry(name=key, url=key, folder=folder,
                           checksum_source="none: this URL is not in coursekit's catalogue")
 
-# %% ../../nbs/core/02_data_external.ipynb #f1f6dcad
+# %% ../../nbs/core/02_data_external.ipynb #3d01232b
 def _checkout_root() -> Path | None:
     "The course checkout coursekit is imported from, or None for an installed package."
     root = Path(coursekit.__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def data_folder() -> Path:
     checkout = _checkout_root()
     return checkout / "data" if checkout is not None else Path.home() / ".coursekit" / "data"
 
-# %% ../../nbs/core/02_data_external.ipynb #374dc4aa
+# %% ../../nbs/core/02_data_external.ipynb #00f3dde3
 def _mirror_root() -> Path | None:
     "The folder `$COURSEKIT_MIRROR` names, None when it is not set, and an error when it names no folder."
     mirror = os.environ.get("COURSEKIT_MIRROR")
@@ -243,7 +243,7 @@ def mirror_folder(name_or_url) -> Path | None:
     folder = root / catalogue_entry(name_or_url).folder
     return folder if folder.is_dir() else None
 
-# %% ../../nbs/core/02_data_external.ipynb #67072300
+# %% ../../nbs/core/02_data_external.ipynb #8e7561ae
 _MIB = 2**20
 
 class _StreamHasher:
@@ -270,7 +270,7 @@ def file_hashes(path) -> dict:
             hasher.update(chunk)
     return hasher.result()
 
-# %% ../../nbs/core/02_data_external.ipynb #9c3ec767
+# %% ../../nbs/core/02_data_external.ipynb #c101011f
 class ChecksumError(ValueError):
     "A file's size or hash differs from the value the catalogue pins."
 
@@ -287,7 +287,7 @@ def verify_file(path, size=None, sha256=None, md5=None, md5_first_mib=None) -> d
     _raise_on_mismatch(path, actual, {"size": size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib})
     return actual
 
-# %% ../../nbs/core/02_data_external.ipynb #c58d967d
+# %% ../../nbs/core/02_data_external.ipynb #6f7f9bc8
 class DownloadError(OSError):
     "A file could not be fetched: no network, a server error, an incomplete transfer, or a deadline passed."
 
@@ -357,8 +357,9 @@ def _cut(connections: list):
         except OSError:
             pass   # already closed
 
-def _stream(url: str, out, timeout: float, hasher: _StreamHasher, bar, stop: threading.Event, outcome: dict):
-    "Copy `url` into the open file `out` (on a worker thread) until done or `stop` is set; fill in `outcome`."
+def _stream(url: str, out, expected_size: int | None, timeout: float, hasher: _StreamHasher, bar,
+            stop: threading.Event, outcome: dict):
+    "Copy `url` into the open file `out` (on a worker thread) until the end or `stop`; fill in `outcome`."
     opener = urllib.request.build_opener(_TrackingHTTPHandler(outcome["connections"]),
                                          _TrackingHTTPSHandler(outcome["connections"]))
     try:
@@ -373,29 +374,33 @@ def _stream(url: str, out, timeout: float, hasher: _StreamHasher, bar, stop: thr
                 out.write(chunk)
                 hasher.update(chunk)
                 bar.update(len(chunk))
-        outcome["done"] = True
+                if expected_size is not None and hasher.size > expected_size:
+                    raise DownloadError(f"Could not download {url}: the server sent more than the {expected_size:,} "
+                                        "bytes the catalogue expects; the download was stopped and deleted.")
     except Exception as err:
         outcome["error"] = err
 
-def _transfer(url: str, part: Path, label: str, expected_size, timeout: float, deadline: float, show_progress: bool,
-              hasher: _StreamHasher):
+def _transfer(url: str, part: Path, label: str, expected_size: int | None, timeout: float, deadline: float,
+              show_progress: bool, hasher: _StreamHasher) -> int | None:
     "Stream `url` into `part` within `deadline` seconds, with a progress bar named `label`; return the announced length."
     stop = threading.Event()
     outcome = {"connections": []}
     with open(part, "wb") as out, tqdm(total=expected_size, unit="B", unit_scale=True, unit_divisor=1024,
-                                       desc=label, disable=not show_progress,
-                                       mininterval=0.5) as bar:
-        worker = threading.Thread(target=_stream, args=(url, out, timeout, hasher, bar, stop, outcome), daemon=True)
+                                       desc=label, disable=not show_progress, mininterval=0.5) as bar:
+        worker = threading.Thread(target=_stream, args=(url, out, expected_size, timeout, hasher, bar, stop, outcome),
+                                  daemon=True)
         worker.start()
         try:
             worker.join(deadline)
+            finished = not worker.is_alive()
         finally:
             stop.set()
-        if worker.is_alive():
-            _cut(outcome["connections"])   # the worker's read returns at once, and it stops
-            raise TimeoutError(f"the download did not finish within its deadline of {deadline:g} s "
-                               f"({hasher.size:,} bytes received). On a slow connection, allow more time with "
-                               "COURSEKIT_DOWNLOAD_DEADLINE=<seconds>")
+            if worker.is_alive():
+                _cut(outcome["connections"])   # its blocked read returns at once, and it stops
+    if not finished:
+        raise TimeoutError(f"the download did not finish within its deadline of {deadline:g} s "
+                           f"({hasher.size:,} bytes received). On a slow connection, allow more time with "
+                           "COURSEKIT_DOWNLOAD_DEADLINE=<seconds>")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["length"]
@@ -432,7 +437,7 @@ def download_url(url: str, dest, expected_size: int | None = None, sha256: str |
     os.replace(part, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #f121593d
+# %% ../../nbs/core/02_data_external.ipynb #1d36c063
 class UnsafeArchiveError(ValueError):
     "An archive coursekit refuses to extract: a member escapes, is a link or device, or it unpacks to too much."
 
@@ -455,7 +460,7 @@ def _limit_from_environment(variable: str, default: int) -> int:
     value = os.environ.get(variable)
     if not value:
         return default
-    if not value.isdigit() or int(value) == 0:
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
         raise ValueError(f"{variable}={value!r} is not a positive whole number; set it to one, or unset it.")
     return int(value)
 
@@ -469,7 +474,7 @@ def _unpack_limits(archive_bytes: int, max_bytes: int | None = None, max_members
         max_members = _limit_from_environment("COURSEKIT_MAX_ARCHIVE_MEMBERS", derived_members)
     return _Limits(max_bytes, max_members)
 
-# %% ../../nbs/core/02_data_external.ipynb #094ad4a2
+# %% ../../nbs/core/02_data_external.ipynb #34435323
 @dataclass(frozen=True)
 class _Member:
     "One archive member as the checks see it."
@@ -541,7 +546,7 @@ def _reading(archive: Path):
         raise UnreadableArchiveError(f"{archive} cannot be read to its end: {_looks_like(archive)} "
                                      f"({type(err).__name__}: {err}).") from err
 
-# %% ../../nbs/core/02_data_external.ipynb #5879a81a
+# %% ../../nbs/core/02_data_external.ipynb #1517b569
 def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(f"Refusing to extract {archive}: {problem}. Nothing was extracted.")
 
@@ -615,8 +620,10 @@ def _check_members(archive: Path, limits: _Limits):
             declared += member.size
             if declared > limits.max_bytes:
                 raise _too_much(archive, f"{declared:,} bytes or more", limits)
+    if count == 0:
+        raise UnreadableArchiveError(f"{archive} holds no files or folders at all; it is not a dataset.")
 
-# %% ../../nbs/core/02_data_external.ipynb #070df208
+# %% ../../nbs/core/02_data_external.ipynb #041a7ab4
 def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
     "The path of a member under `root`, with its folders made; its folder's real path must be inside `root`."
     target = root.joinpath(*parts)
@@ -653,7 +660,7 @@ def _write_members(archive: Path, into: Path, limits: _Limits):
             with open_data() as source:
                 written += _write_file(source, target, limits.max_bytes - written, archive, limits)
 
-# %% ../../nbs/core/02_data_external.ipynb #0c1cd267
+# %% ../../nbs/core/02_data_external.ipynb #9adec83f
 def _content_root(folder: Path) -> Path:
     "The single top-level folder of an extracted archive, or the extraction folder itself."
     entries = list(folder.iterdir())
@@ -681,7 +688,7 @@ def safe_extract(archive, dest, *, max_bytes: int | None = None, max_members: in
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #fe4d234b
+# %% ../../nbs/core/02_data_external.ipynb #1bfe3765
 _STANDINS: dict[str, Callable[[Path], None]] = {}
 
 def register_standin(name_or_url, make_fn: Callable[[Path], None]):
@@ -718,7 +725,7 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #bbd8eb86
+# %% ../../nbs/core/02_data_external.ipynb #0f704694
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -762,7 +769,7 @@ def _dataset_lock(path: Path):
         path.unlink(missing_ok=True)
         os.close(fd)
 
-# %% ../../nbs/core/02_data_external.ipynb #8491d465
+# %% ../../nbs/core/02_data_external.ipynb #b63ce70f
 def _whole_file_pinned(entry: CatalogueEntry) -> bool:
     return entry.sha256 is not None or entry.md5 is not None
 
@@ -855,11 +862,14 @@ def untar_data(name_or_url, force_download: bool = False) -> Path:
     dest = root / entry.folder
     if dest.is_dir() and not force_download:
         return dest
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"The data folder {root} is a file, not a folder. Set COURSEKIT_DATA to a folder "
+                                 "where datasets can be downloaded.")
     root.mkdir(parents=True, exist_ok=True)
     with _dataset_lock(root / f".{entry.folder}.lock"):
         return _fetch_and_extract(entry, root, force_download)
 
-# %% ../../nbs/core/02_data_external.ipynb #b04db1e3
+# %% ../../nbs/core/02_data_external.ipynb #b406181a
 def _hash_prefix_ok(path: Path) -> bool:
     "Whether `path`'s SHA-256 starts with the hex prefix torch.hub names it by (true when it has none)."
     match = re.search(torch.hub.HASH_REGEX, path.name)

@@ -262,7 +262,7 @@ def test_a_zip_member_that_lies_about_its_size_is_stopped_while_writing(tmp_path
     declared = (50 * 2**20).to_bytes(4, "little")
     assert raw.count(declared) == 2                   # the local header and the central directory
     archive.write_bytes(bytes(raw).replace(declared, (10).to_bytes(4, "little")))
-    with pytest.raises((UnsafeArchiveError, UnreadableArchiveError), match="Refusing to extract|cannot be read"):
+    with pytest.raises((UnsafeArchiveError, UnreadableArchiveError), match="Refusing to extract|cannot be extracted"):
         safe_extract(archive, data_env / "toyset", max_bytes=2**20)
     assert not data_env.exists() or everything_under(data_env) == []
 

@@ -8,7 +8,7 @@ __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folde
            'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError',
            'UnreadableArchiveError', 'safe_extract', 'register_standin', 'untar_data', 'seed_weights_cache']
 
-# %% ../../nbs/core/02_data_external.ipynb #5a40ecc5
+# %% ../../nbs/core/02_data_external.ipynb #e5bfb98b
 import contextlib
 import fcntl
 import hashlib
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import coursekit
 
-# %% ../../nbs/core/02_data_external.ipynb #a7675d1b
+# %% ../../nbs/core/02_data_external.ipynb #273d4096
 def _is_plain_name(name: str) -> bool:
     "Whether `name` is one ordinary file or folder name: not empty, not hidden, no separator or NUL."
     return bool(name) and not name.startswith(".") and not set(name) & set("/\\\0")
@@ -81,7 +81,7 @@ class CatalogueEntry:
         "The checks a download of this entry must pass, as keyword arguments of `verify_file`."
         return {"size": self.size, "sha256": self.sha256, "md5": self.md5, "md5_first_mib": self.md5_first_mib}
 
-# %% ../../nbs/core/02_data_external.ipynb #661ce3b4
+# %% ../../nbs/core/02_data_external.ipynb #79369ce2
 _FASTAI_CHECKS = "size and md5_first_mib: fastai's fastai/data/checks.txt"
 _FASTAI_JL = "sha256: FluxML/FastAI.jl src/datasets/fastaidatasets.jl (one independent source)"
 _PETS_CITE = "O. M. Parkhi, A. Vedaldi, A. Zisserman, C. V. Jawahar. Cats and Dogs. CVPR 2012."
@@ -167,7 +167,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in [
                  "S. Merity, N. S. Keskar, R. Socher. Regularizing and Optimizing LSTM Language Models. ICLR 2018."),
 ]}
 
-# %% ../../nbs/core/02_data_external.ipynb #f0472007
+# %% ../../nbs/core/02_data_external.ipynb #366efdbd
 class URLs:
     "The catalogue's download addresses by name, as in fastai: `untar_data(URLs.PETS)`."
     PETS = CATALOGUE["PETS"].url
@@ -182,7 +182,7 @@ class URLs:
     WIKITEXT_2 = CATALOGUE["WIKITEXT_2"].url
     WT103_FWD = CATALOGUE["WT103_FWD"].url
 
-# %% ../../nbs/core/02_data_external.ipynb #f8da576e
+# %% ../../nbs/core/02_data_external.ipynb #907b385c
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 def _strip_archive_suffix(name: str) -> str:
@@ -208,7 +208,7 @@ def catalogue_entry(name_or_url) -> CatalogueEntry:
     return CatalogueEntry(name=key, url=key, folder=folder,
                           checksum_source="none: this URL is not in coursekit's catalogue")
 
-# %% ../../nbs/core/02_data_external.ipynb #3d01232b
+# %% ../../nbs/core/02_data_external.ipynb #82c96fd7
 def _checkout_root() -> Path | None:
     "The course checkout coursekit is imported from, or None for an installed package."
     root = Path(coursekit.__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def data_folder() -> Path:
     checkout = _checkout_root()
     return checkout / "data" if checkout is not None else Path.home() / ".coursekit" / "data"
 
-# %% ../../nbs/core/02_data_external.ipynb #00f3dde3
+# %% ../../nbs/core/02_data_external.ipynb #42651876
 def _mirror_root() -> Path | None:
     "The folder `$COURSEKIT_MIRROR` names, None when it is not set, and an error when it names no folder."
     mirror = os.environ.get("COURSEKIT_MIRROR")
@@ -243,7 +243,7 @@ def mirror_folder(name_or_url) -> Path | None:
     folder = root / catalogue_entry(name_or_url).folder
     return folder if folder.is_dir() else None
 
-# %% ../../nbs/core/02_data_external.ipynb #8e7561ae
+# %% ../../nbs/core/02_data_external.ipynb #a7a9e724
 _MIB = 2**20
 
 class _StreamHasher:
@@ -270,7 +270,7 @@ def file_hashes(path) -> dict:
             hasher.update(chunk)
     return hasher.result()
 
-# %% ../../nbs/core/02_data_external.ipynb #c101011f
+# %% ../../nbs/core/02_data_external.ipynb #acca3658
 class ChecksumError(ValueError):
     "A file's size or hash differs from the value the catalogue pins."
 
@@ -287,7 +287,7 @@ def verify_file(path, size=None, sha256=None, md5=None, md5_first_mib=None) -> d
     _raise_on_mismatch(path, actual, {"size": size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib})
     return actual
 
-# %% ../../nbs/core/02_data_external.ipynb #6f7f9bc8
+# %% ../../nbs/core/02_data_external.ipynb #89095262
 class DownloadError(OSError):
     "A file could not be fetched: no network, a server error, an incomplete transfer, or a deadline passed."
 
@@ -437,12 +437,15 @@ def download_url(url: str, dest, expected_size: int | None = None, sha256: str |
     os.replace(part, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #1d36c063
+# %% ../../nbs/core/02_data_external.ipynb #41b0b1d5
 class UnsafeArchiveError(ValueError):
     "An archive coursekit refuses to extract: a member escapes, is a link or device, or it unpacks to too much."
 
 class UnreadableArchiveError(ValueError):
-    "An archive that cannot be read to its end: truncated, corrupt, encrypted, or not an archive at all."
+    "An archive that cannot be read to its end: truncated, corrupt, encrypted, empty, or not an archive at all."
+    def __init__(self, archive: Path, reason: str):
+        super().__init__(f"{archive} cannot be extracted: {reason}.")
+        self.reason = reason
 
 _UNPACK_RATIO = 20
 _MIN_UNPACKED_BYTES = 64 * _MIB
@@ -474,7 +477,7 @@ def _unpack_limits(archive_bytes: int, max_bytes: int | None = None, max_members
         max_members = _limit_from_environment("COURSEKIT_MAX_ARCHIVE_MEMBERS", derived_members)
     return _Limits(max_bytes, max_members)
 
-# %% ../../nbs/core/02_data_external.ipynb #34435323
+# %% ../../nbs/core/02_data_external.ipynb #e3bce3c1
 @dataclass(frozen=True)
 class _Member:
     "One archive member as the checks see it."
@@ -514,8 +517,8 @@ def _zip_members(archive: Path) -> Iterator[tuple[_Member, Callable]]:
     with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             if info.flag_bits & 0x1:
-                raise UnreadableArchiveError(f"{archive}: member {info.filename!r} is encrypted; coursekit cannot "
-                                             "extract encrypted archives.")
+                raise UnreadableArchiveError(archive, f"member {info.filename!r} is encrypted, and coursekit "
+                                                      "cannot extract encrypted archives")
             yield _Member(info.filename, _zip_kind(info), info.file_size), lambda info=info: zf.open(info)
 
 def _members(archive: Path) -> Iterator[tuple[_Member, Callable]]:
@@ -532,7 +535,7 @@ def _looks_like(archive: Path) -> str:
         return "it is empty"
     if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
         return "it is an HTML page (a login or error page?), not an archive"
-    return "it is truncated, corrupt, or not an archive"
+    return ""
 
 @contextlib.contextmanager
 def _reading(archive: Path):
@@ -543,10 +546,11 @@ def _reading(archive: Path):
         bad_bytes = isinstance(err, _READ_ERRORS) or (isinstance(err, OSError) and err.errno is None)
         if not bad_bytes:
             raise
-        raise UnreadableArchiveError(f"{archive} cannot be read to its end: {_looks_like(archive)} "
-                                     f"({type(err).__name__}: {err}).") from err
+        guess = _looks_like(archive)
+        reason = guess or f"it is truncated, corrupt, or not an archive ({type(err).__name__}: {err})"
+        raise UnreadableArchiveError(archive, reason) from err
 
-# %% ../../nbs/core/02_data_external.ipynb #1517b569
+# %% ../../nbs/core/02_data_external.ipynb #8e81b394
 def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(f"Refusing to extract {archive}: {problem}. Nothing was extracted.")
 
@@ -621,9 +625,9 @@ def _check_members(archive: Path, limits: _Limits):
             if declared > limits.max_bytes:
                 raise _too_much(archive, f"{declared:,} bytes or more", limits)
     if count == 0:
-        raise UnreadableArchiveError(f"{archive} holds no files or folders at all; it is not a dataset.")
+        raise UnreadableArchiveError(archive, "it holds no files or folders at all")
 
-# %% ../../nbs/core/02_data_external.ipynb #041a7ab4
+# %% ../../nbs/core/02_data_external.ipynb #71414674
 def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
     "The path of a member under `root`, with its folders made; its folder's real path must be inside `root`."
     target = root.joinpath(*parts)
@@ -660,7 +664,7 @@ def _write_members(archive: Path, into: Path, limits: _Limits):
             with open_data() as source:
                 written += _write_file(source, target, limits.max_bytes - written, archive, limits)
 
-# %% ../../nbs/core/02_data_external.ipynb #9adec83f
+# %% ../../nbs/core/02_data_external.ipynb #f3428538
 def _content_root(folder: Path) -> Path:
     "The single top-level folder of an extracted archive, or the extraction folder itself."
     entries = list(folder.iterdir())
@@ -688,7 +692,7 @@ def safe_extract(archive, dest, *, max_bytes: int | None = None, max_members: in
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #1bfe3765
+# %% ../../nbs/core/02_data_external.ipynb #4feea40c
 _STANDINS: dict[str, Callable[[Path], None]] = {}
 
 def register_standin(name_or_url, make_fn: Callable[[Path], None]):
@@ -725,7 +729,7 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #0f704694
+# %% ../../nbs/core/02_data_external.ipynb #1a9a1388
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -769,7 +773,7 @@ def _dataset_lock(path: Path):
         path.unlink(missing_ok=True)
         os.close(fd)
 
-# %% ../../nbs/core/02_data_external.ipynb #b63ce70f
+# %% ../../nbs/core/02_data_external.ipynb #cdb2f436
 def _whole_file_pinned(entry: CatalogueEntry) -> bool:
     return entry.sha256 is not None or entry.md5 is not None
 
@@ -805,7 +809,7 @@ def _download_archive(entry: CatalogueEntry, archive: Path):
         download_url(entry.url, archive, entry.size, entry.sha256, md5=entry.md5, md5_first_mib=entry.md5_first_mib,
                      check=check)
     except UnreadableArchiveError as err:
-        raise DownloadError(f"What {entry.url} sent is not a complete archive, so it was deleted: {err} "
+        raise DownloadError(f"What {entry.url} sent is not a complete archive, so it was deleted: {err.reason}. "
                             "Try again later, or check the address in a browser.") from err
 
 def _fetch_archive(entry: CatalogueEntry, archive: Path, force_download: bool):
@@ -869,7 +873,7 @@ def untar_data(name_or_url, force_download: bool = False) -> Path:
     with _dataset_lock(root / f".{entry.folder}.lock"):
         return _fetch_and_extract(entry, root, force_download)
 
-# %% ../../nbs/core/02_data_external.ipynb #b406181a
+# %% ../../nbs/core/02_data_external.ipynb #aade28e4
 def _hash_prefix_ok(path: Path) -> bool:
     "Whether `path`'s SHA-256 starts with the hex prefix torch.hub names it by (true when it has none)."
     match = re.search(torch.hub.HASH_REGEX, path.name)

@@ -508,6 +508,23 @@ def test_lesson_out_that_cannot_be_written_is_refused_before_running(where, tmp_
     assert (tmp_path / "file").read_text() == "a file"
 
 
+def test_lesson_out_holding_a_folder_where_the_notebook_goes_is_refused_before_running(tmp_path, capsys,
+                                                                                         monkeypatch):
+    import nbformat
+    lessons = tmp_path / "lessons"
+    lessons.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")]), lessons / "01_pets.ipynb")
+    monkeypatch.setenv("COURSEKIT_LESSONS", str(lessons))
+    started = []
+    monkeypatch.setattr(cli, "_execute", lambda *args, **kwargs: started.append(args))
+    (tmp_path / "out" / "01_pets.ipynb").mkdir(parents=True)
+    with pytest.raises(SystemExit) as info:
+        cli.main(["lesson", "pets", "--out", str(tmp_path / "out")])
+    assert info.value.code != 0 and started == []
+    err = capsys.readouterr().err
+    assert "01_pets.ipynb is a folder" in err and "nothing was run" in err
+
+
 def test_a_failing_lesson_names_the_saved_notebook(tmp_path, capsys, monkeypatch):
     import nbformat
     lessons = tmp_path / "lessons"

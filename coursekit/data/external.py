@@ -8,7 +8,7 @@ __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folde
            'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError',
            'UnreadableArchiveError', 'safe_extract', 'register_standin', 'untar_data', 'seed_weights_cache']
 
-# %% ../../nbs/core/02_data_external.ipynb #e5bfb98b
+# %% ../../nbs/core/02_data_external.ipynb #de571400
 import contextlib
 import fcntl
 import hashlib
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 import coursekit
 
-# %% ../../nbs/core/02_data_external.ipynb #273d4096
+# %% ../../nbs/core/02_data_external.ipynb #ed2f89c8
 def _is_plain_name(name: str) -> bool:
     "Whether `name` is one ordinary file or folder name: not empty, not hidden, no separator or NUL."
     return bool(name) and not name.startswith(".") and not set(name) & set("/\\\0")
@@ -81,7 +81,7 @@ class CatalogueEntry:
         "The checks a download of this entry must pass, as keyword arguments of `verify_file`."
         return {"size": self.size, "sha256": self.sha256, "md5": self.md5, "md5_first_mib": self.md5_first_mib}
 
-# %% ../../nbs/core/02_data_external.ipynb #79369ce2
+# %% ../../nbs/core/02_data_external.ipynb #e32b0b46
 _FASTAI_CHECKS = "size and md5_first_mib: fastai's fastai/data/checks.txt"
 _FASTAI_JL = "sha256: FluxML/FastAI.jl src/datasets/fastaidatasets.jl (one independent source)"
 _PETS_CITE = "O. M. Parkhi, A. Vedaldi, A. Zisserman, C. V. Jawahar. Cats and Dogs. CVPR 2012."
@@ -167,7 +167,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in [
                  "S. Merity, N. S. Keskar, R. Socher. Regularizing and Optimizing LSTM Language Models. ICLR 2018."),
 ]}
 
-# %% ../../nbs/core/02_data_external.ipynb #366efdbd
+# %% ../../nbs/core/02_data_external.ipynb #ef3a3ffe
 class URLs:
     "The catalogue's download addresses by name, as in fastai: `untar_data(URLs.PETS)`."
     PETS = CATALOGUE["PETS"].url
@@ -182,7 +182,7 @@ class URLs:
     WIKITEXT_2 = CATALOGUE["WIKITEXT_2"].url
     WT103_FWD = CATALOGUE["WT103_FWD"].url
 
-# %% ../../nbs/core/02_data_external.ipynb #907b385c
+# %% ../../nbs/core/02_data_external.ipynb #ab08c1e8
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 def _strip_archive_suffix(name: str) -> str:
@@ -208,7 +208,7 @@ def catalogue_entry(name_or_url) -> CatalogueEntry:
     return CatalogueEntry(name=key, url=key, folder=folder,
                           checksum_source="none: this URL is not in coursekit's catalogue")
 
-# %% ../../nbs/core/02_data_external.ipynb #82c96fd7
+# %% ../../nbs/core/02_data_external.ipynb #479a7744
 def _checkout_root() -> Path | None:
     "The course checkout coursekit is imported from, or None for an installed package."
     root = Path(coursekit.__file__).resolve().parent.parent
@@ -221,7 +221,7 @@ def data_folder() -> Path:
     checkout = _checkout_root()
     return checkout / "data" if checkout is not None else Path.home() / ".coursekit" / "data"
 
-# %% ../../nbs/core/02_data_external.ipynb #42651876
+# %% ../../nbs/core/02_data_external.ipynb #13a49c6a
 def _mirror_root() -> Path | None:
     "The folder `$COURSEKIT_MIRROR` names, None when it is not set, and an error when it names no folder."
     mirror = os.environ.get("COURSEKIT_MIRROR")
@@ -243,7 +243,7 @@ def mirror_folder(name_or_url) -> Path | None:
     folder = root / catalogue_entry(name_or_url).folder
     return folder if folder.is_dir() else None
 
-# %% ../../nbs/core/02_data_external.ipynb #a7a9e724
+# %% ../../nbs/core/02_data_external.ipynb #926078f1
 _MIB = 2**20
 
 class _StreamHasher:
@@ -270,7 +270,7 @@ def file_hashes(path) -> dict:
             hasher.update(chunk)
     return hasher.result()
 
-# %% ../../nbs/core/02_data_external.ipynb #acca3658
+# %% ../../nbs/core/02_data_external.ipynb #4e1438b8
 class ChecksumError(ValueError):
     "A file's size or hash differs from the value the catalogue pins."
 
@@ -287,7 +287,7 @@ def verify_file(path, size=None, sha256=None, md5=None, md5_first_mib=None) -> d
     _raise_on_mismatch(path, actual, {"size": size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib})
     return actual
 
-# %% ../../nbs/core/02_data_external.ipynb #89095262
+# %% ../../nbs/core/02_data_external.ipynb #bf6b9277
 class DownloadError(OSError):
     "A file could not be fetched: no network, a server error, an incomplete transfer, or a deadline passed."
 
@@ -437,7 +437,7 @@ def download_url(url: str, dest, expected_size: int | None = None, sha256: str |
     os.replace(part, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #41b0b1d5
+# %% ../../nbs/core/02_data_external.ipynb #bcc3b2cb
 class UnsafeArchiveError(ValueError):
     "An archive coursekit refuses to extract: a member escapes, is a link or device, or it unpacks to too much."
 
@@ -477,7 +477,7 @@ def _unpack_limits(archive_bytes: int, max_bytes: int | None = None, max_members
         max_members = _limit_from_environment("COURSEKIT_MAX_ARCHIVE_MEMBERS", derived_members)
     return _Limits(max_bytes, max_members)
 
-# %% ../../nbs/core/02_data_external.ipynb #e3bce3c1
+# %% ../../nbs/core/02_data_external.ipynb #4419c63e
 @dataclass(frozen=True)
 class _Member:
     "One archive member as the checks see it."
@@ -550,7 +550,7 @@ def _reading(archive: Path):
         reason = guess or f"it is truncated, corrupt, or not an archive ({type(err).__name__}: {err})"
         raise UnreadableArchiveError(archive, reason) from err
 
-# %% ../../nbs/core/02_data_external.ipynb #8e81b394
+# %% ../../nbs/core/02_data_external.ipynb #f8f4d5aa
 def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(f"Refusing to extract {archive}: {problem}. Nothing was extracted.")
 
@@ -608,26 +608,32 @@ def _too_much(archive: Path, amount: str, limits: _Limits) -> UnsafeArchiveError
                              "archive of its size (a decompression bomb?); if you trust it, set "
                              "COURSEKIT_MAX_UNPACKED_BYTES or pass max_bytes to allow more")
 
-def _check_members(archive: Path, limits: _Limits):
-    "Read every member's header before anything is written, and refuse the archive if one check fails."
+def _checked_members(archive: Path, limits: _Limits) -> Iterator[tuple[_Member, tuple[str, ...], Callable]]:
+    "Each member with its path parts and data opener, once it has passed every check; the archive's limits too."
     layout = _Layout()
     count = 0
     declared = 0
-    with _reading(archive):
-        for member, _ in _members(archive):
-            count += 1
-            if count > limits.max_members:
-                raise _refusal(archive, f"it has more than {limits.max_members:,} members, the limit for an archive "
-                                        "of its size; if you trust it, set COURSEKIT_MAX_ARCHIVE_MEMBERS or pass "
-                                        "max_members to allow more")
-            _checked_parts(member, archive, layout)
-            declared += member.size
-            if declared > limits.max_bytes:
-                raise _too_much(archive, f"{declared:,} bytes or more", limits)
+    for member, open_data in _members(archive):
+        count += 1
+        if count > limits.max_members:
+            raise _refusal(archive, f"it has more than {limits.max_members:,} members, the limit for an archive "
+                                    "of its size; if you trust it, set COURSEKIT_MAX_ARCHIVE_MEMBERS or pass "
+                                    "max_members to allow more")
+        parts = _checked_parts(member, archive, layout)
+        declared += member.size
+        if declared > limits.max_bytes:
+            raise _too_much(archive, f"{declared:,} bytes or more", limits)
+        yield member, parts, open_data
     if count == 0:
         raise UnreadableArchiveError(archive, "it holds no files or folders at all")
 
-# %% ../../nbs/core/02_data_external.ipynb #71414674
+def _check_members(archive: Path, limits: _Limits):
+    "Read every member's header before anything is written, and refuse the archive if one check fails."
+    with _reading(archive):
+        for _ in _checked_members(archive, limits):
+            pass
+
+# %% ../../nbs/core/02_data_external.ipynb #06136108
 def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
     "The path of a member under `root`, with its folders made; its folder's real path must be inside `root`."
     target = root.joinpath(*parts)
@@ -639,7 +645,11 @@ def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
 def _write_file(source, target: Path, allowed: int, archive: Path, limits: _Limits) -> int:
     "Copy `source` into the new file `target`, refusing past `allowed` bytes; return the bytes written."
     written = 0
-    with open(target, "xb") as out:
+    try:
+        out = open(target, "xb")
+    except FileExistsError as err:   # a file system that ignores case, or folds Unicode forms
+        raise _refusal(archive, f"member {target.name!r} clashes with another member on this file system") from err
+    with out:
         while chunk := source.read(_CHUNK):
             written += len(chunk)
             if written > allowed:
@@ -650,11 +660,9 @@ def _write_file(source, target: Path, allowed: int, archive: Path, limits: _Limi
 def _write_members(archive: Path, into: Path, limits: _Limits):
     "Write every file and folder of `archive` under `into`, placing each by its real path and counting bytes."
     root = Path(os.path.realpath(into))
-    layout = _Layout()
     written = 0
     with _reading(archive):
-        for member, open_data in _members(archive):
-            parts = _checked_parts(member, archive, layout)
+        for member, parts, open_data in _checked_members(archive, limits):
             if not parts:
                 continue
             target = _place(root, parts, archive, member.name)
@@ -664,7 +672,7 @@ def _write_members(archive: Path, into: Path, limits: _Limits):
             with open_data() as source:
                 written += _write_file(source, target, limits.max_bytes - written, archive, limits)
 
-# %% ../../nbs/core/02_data_external.ipynb #f3428538
+# %% ../../nbs/core/02_data_external.ipynb #ee16f2e9
 def _content_root(folder: Path) -> Path:
     "The single top-level folder of an extracted archive, or the extraction folder itself."
     entries = list(folder.iterdir())
@@ -692,7 +700,7 @@ def safe_extract(archive, dest, *, max_bytes: int | None = None, max_members: in
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #4feea40c
+# %% ../../nbs/core/02_data_external.ipynb #11a3fb1d
 _STANDINS: dict[str, Callable[[Path], None]] = {}
 
 def register_standin(name_or_url, make_fn: Callable[[Path], None]):
@@ -729,7 +737,7 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #1a9a1388
+# %% ../../nbs/core/02_data_external.ipynb #e94c0bbe
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -773,7 +781,7 @@ def _dataset_lock(path: Path):
         path.unlink(missing_ok=True)
         os.close(fd)
 
-# %% ../../nbs/core/02_data_external.ipynb #cdb2f436
+# %% ../../nbs/core/02_data_external.ipynb #160ed320
 def _whole_file_pinned(entry: CatalogueEntry) -> bool:
     return entry.sha256 is not None or entry.md5 is not None
 
@@ -873,7 +881,7 @@ def untar_data(name_or_url, force_download: bool = False) -> Path:
     with _dataset_lock(root / f".{entry.folder}.lock"):
         return _fetch_and_extract(entry, root, force_download)
 
-# %% ../../nbs/core/02_data_external.ipynb #aade28e4
+# %% ../../nbs/core/02_data_external.ipynb #1975f430
 def _hash_prefix_ok(path: Path) -> bool:
     "Whether `path`'s SHA-256 starts with the hex prefix torch.hub names it by (true when it has none)."
     match = re.search(torch.hub.HASH_REGEX, path.name)

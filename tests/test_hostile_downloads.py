@@ -405,6 +405,27 @@ def test_a_data_folder_that_is_a_file_is_named(tmp_path, monkeypatch):
     assert (tmp_path / "data-file").read_text() == "x"
 
 
+def test_a_file_where_the_dataset_folder_goes_is_left_alone(server, monkeypatch, data_env):
+    base, served, _ = server
+    make_tar(served / "toyset.tgz", GOOD)
+    pin(monkeypatch, served / "toyset.tgz", f"{base}/toyset.tgz")
+    data_env.mkdir(parents=True)
+    (data_env / "toyset").write_text("my notes")
+    for force in (False, True):
+        with pytest.raises(FileExistsError, match="in the way"):
+            untar_data("TOY", force_download=force)
+        assert (data_env / "toyset").read_text() == "my notes"
+
+
+def test_https_addresses_go_through_the_same_guarded_transfer(server, tmp_path):
+    base, served, _ = server
+    make_tar(served / "toyset.tgz", GOOD)
+    with pytest.raises(DownloadError, match="SSL|ssl|wrong version"):   # the local server speaks plain HTTP
+        download_url(base.replace("http://", "https://") + "/toyset.tgz", tmp_path / "x.tgz", timeout=5,
+                     show_progress=False)
+    assert not list(tmp_path.glob("x.tgz*"))
+
+
 def test_two_concurrent_calls_download_once_and_both_get_the_folder(server, monkeypatch, data_env):
     base, served, handler = server
     handler.delay = 0.5

@@ -449,6 +449,21 @@ def test_two_concurrent_calls_download_once_and_both_get_the_folder(server, monk
     assert everything_under(data_env) == ["toyset", "toyset.tgz", "toyset/big.bin"]
 
 
+def test_two_processes_download_once(server, monkeypatch, data_env, tmp_path):
+    base, served, handler = server
+    handler.delay = 1.0
+    make_tar(served / "toyset.tgz", [tar_member("toyset/big.bin", data=os.urandom(1_000_000))])
+    script = "import sys; from coursekit.data.external import untar_data; print(untar_data(sys.argv[1]))"
+    env = dict(os.environ, COURSEKIT_DATA=str(data_env))
+    calls = [subprocess.Popen([sys.executable, "-c", script, f"{base}/toyset.tgz"], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outputs = [call.communicate(timeout=120) for call in calls]
+    assert [call.returncode for call in calls] == [0, 0], outputs
+    assert [out.strip() for out, _ in outputs] == [str(data_env / "toyset")] * 2
+    assert handler.requests == ["/toyset.tgz"]
+    assert everything_under(data_env) == ["toyset", "toyset.tgz", "toyset/big.bin"]
+
+
 def test_a_lock_left_by_a_dead_process_is_recovered(server, monkeypatch, data_env):
     base, served, _ = server
     make_tar(served / "toyset.tgz", GOOD)

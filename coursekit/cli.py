@@ -6,7 +6,7 @@ notebook, and prints its headline figures as one line of JSON."""
 # %% auto #0
 __all__ = ['LESSONS', 'lessons_folder', 'lesson_path', 'OutputFolderError', 'prepare_output_folder', 'run_lesson', 'main']
 
-# %% ../nbs/core/09_cli.ipynb #7c925aac
+# %% ../nbs/core/09_cli.ipynb #e678d8a9
 import argparse
 import contextlib
 import json
@@ -21,7 +21,7 @@ from nbclient import NotebookClient
 
 import coursekit
 
-# %% ../nbs/core/09_cli.ipynb #5379a326
+# %% ../nbs/core/09_cli.ipynb #0390bc60
 LESSONS = {"pets": "01_pets.ipynb", "cleaning": "01b_cleaning.ipynb", "planet": "02_planet.ipynb",
            "segmentation": "03_segmentation.ipynb", "imdb": "04_imdb.ipynb", "tabular": "05_tabular.ipynb",
            "collab": "06_collab.ipynb"}
@@ -42,7 +42,7 @@ def lesson_path(name: str) -> Path:
                          "or point COURSEKIT_LESSONS at the folder holding the lesson notebooks.")
     return path
 
-# %% ../nbs/core/09_cli.ipynb #b7c02117
+# %% ../nbs/core/09_cli.ipynb #e87709f1
 class OutputFolderError(OSError):
     "The folder given for a lesson's outputs cannot be created or written."
 
@@ -89,6 +89,9 @@ def run_lesson(name: str, quick: bool = False, out: str | Path = "lesson-runs", 
     out = prepare_output_folder(out)
     saved = out / src.name
     metrics_file = out / f"{name}.metrics.json"
+    if saved.resolve() == src.resolve():
+        raise OutputFolderError(f"{out} is the lessons folder itself: the executed notebook would overwrite the "
+                                f"lesson {src}. Choose another output folder; nothing was run.")
     for path in (saved, metrics_file):
         if path.is_dir():
             raise OutputFolderError(f"{path} is a folder, where the lesson writes a file. Move it away or choose "
@@ -107,7 +110,7 @@ def run_lesson(name: str, quick: bool = False, out: str | Path = "lesson-runs", 
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     return {"lesson": name, "quick": quick, "seconds": round(seconds, 1), "metrics": metrics}
 
-# %% ../nbs/core/09_cli.ipynb #0c50f11a
+# %% ../nbs/core/09_cli.ipynb #5ddec9e3
 def main(argv=None):
     "Entry point of the `coursekit` command."
     parser = argparse.ArgumentParser(prog="coursekit", description="Run the coursekit course from a terminal.")

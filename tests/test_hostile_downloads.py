@@ -300,7 +300,7 @@ def test_good_archives_still_extract_with_their_top_folder(tmp_path, data_env):
 
 # ---------------------------------------------------------------- 4. names that are not folders
 @pytest.mark.parametrize("name", ["...tgz", ".tgz", "..tgz", "..tar.gz", "%2e%2e.tgz", "..%2F..%2Fevil.tgz",
-                                  ".hidden.zip"])
+                                  ".hidden.zip", "x" * 300 + ".tgz"])
 def test_urls_whose_file_name_is_not_a_folder_name_are_refused(name, data_env, tmp_path, monkeypatch):
     data_env.mkdir(parents=True)
     url = f"http://127.0.0.1:9/{name}"
@@ -559,6 +559,20 @@ def test_lesson_out_holding_a_folder_where_the_notebook_goes_is_refused_before_r
     assert info.value.code != 0 and started == []
     err = capsys.readouterr().err
     assert "01_pets.ipynb is a folder" in err and "nothing was run" in err
+
+
+def test_lesson_out_in_the_lessons_folder_is_refused_before_overwriting_the_lesson(tmp_path, capsys, monkeypatch):
+    import nbformat
+    lessons = tmp_path / "lessons"
+    lessons.mkdir()
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print('hi')")]),
+                   lessons / "01_pets.ipynb")
+    source = (lessons / "01_pets.ipynb").read_bytes()
+    monkeypatch.setenv("COURSEKIT_LESSONS", str(lessons))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["lesson", "pets", "--out", str(lessons)])
+    assert info.value.code != 0 and "would overwrite the lesson" in capsys.readouterr().err
+    assert (lessons / "01_pets.ipynb").read_bytes() == source
 
 
 def test_a_failing_lesson_names_the_saved_notebook(tmp_path, capsys, monkeypatch):

@@ -8,6 +8,7 @@ be cached, and every refusal is a clear coursekit error (never a raw `EOFError`,
 import functools
 import io
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -350,8 +351,8 @@ def test_a_poisoned_cached_archive_is_removed_and_fetched_again_once(server, dat
     assert (untar_data(f"{base}/toyset.tgz") / "labels.csv").is_file()
     assert "toyset.tgz" in capsys.readouterr().err and handler.requests == ["/toyset.tgz"]
     # a server that keeps sending junk: one new try, then a clear error
-    for leftover in (data_env / "toyset", data_env / "toyset.tgz"):
-        os.system(f"rm -rf '{leftover}'")
+    shutil.rmtree(data_env / "toyset")
+    (data_env / "toyset.tgz").unlink()
     (data_env / "toyset.tgz").write_bytes(b"junk")
     (served / "toyset.tgz").write_bytes(b"more junk")
     with pytest.raises(DownloadError):

@@ -6,7 +6,7 @@ notebook, and prints its headline figures as one line of JSON."""
 # %% auto #0
 __all__ = ['LESSONS', 'lessons_folder', 'lesson_path', 'OutputFolderError', 'prepare_output_folder', 'run_lesson', 'main']
 
-# %% ../nbs/core/09_cli.ipynb #e678d8a9
+# %% ../nbs/core/09_cli.ipynb #2c63f362
 import argparse
 import contextlib
 import json
@@ -21,7 +21,7 @@ from nbclient import NotebookClient
 
 import coursekit
 
-# %% ../nbs/core/09_cli.ipynb #0390bc60
+# %% ../nbs/core/09_cli.ipynb #26582ba9
 LESSONS = {"pets": "01_pets.ipynb", "cleaning": "01b_cleaning.ipynb", "planet": "02_planet.ipynb",
            "segmentation": "03_segmentation.ipynb", "imdb": "04_imdb.ipynb", "tabular": "05_tabular.ipynb",
            "collab": "06_collab.ipynb"}
@@ -42,7 +42,7 @@ def lesson_path(name: str) -> Path:
                          "or point COURSEKIT_LESSONS at the folder holding the lesson notebooks.")
     return path
 
-# %% ../nbs/core/09_cli.ipynb #e87709f1
+# %% ../nbs/core/09_cli.ipynb #7f483fa9
 class OutputFolderError(OSError):
     "The folder given for a lesson's outputs cannot be created or written."
 
@@ -110,7 +110,7 @@ def run_lesson(name: str, quick: bool = False, out: str | Path = "lesson-runs", 
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     return {"lesson": name, "quick": quick, "seconds": round(seconds, 1), "metrics": metrics}
 
-# %% ../nbs/core/09_cli.ipynb #5ddec9e3
+# %% ../nbs/core/09_cli.ipynb #672ff31d
 def main(argv=None):
     "Entry point of the `coursekit` command."
     parser = argparse.ArgumentParser(prog="coursekit", description="Run the coursekit course from a terminal.")
@@ -130,3 +130,7 @@ def main(argv=None):
         print(f"Lesson {args.name} failed: {type(err).__name__}: {err}\n{notes}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps(result))
+
+# %% ../nbs/core/09_cli.ipynb #c7c8f458
+if __name__ == "__main__":
+    main()

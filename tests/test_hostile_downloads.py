@@ -576,6 +576,12 @@ def test_lesson_out_in_the_lessons_folder_is_refused_before_overwriting_the_less
     assert (lessons / "01_pets.ipynb").read_bytes() == source
 
 
+def test_python_dash_m_runs_the_cli(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "coursekit.cli", "lesson", "pets", "--out", "/dev/null/x"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "nothing was run" in done.stderr, (done.returncode, done.stderr)
+
+
 def test_a_failing_lesson_names_the_saved_notebook(tmp_path, capsys, monkeypatch):
     import nbformat
     lessons = tmp_path / "lessons"

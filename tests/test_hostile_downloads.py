@@ -6,6 +6,7 @@ be cached, and every refusal is a clear coursekit error (never a raw `EOFError`,
 `FileNotFoundError`).
 """
 import functools
+import gzip
 import io
 import os
 import shutil
@@ -234,6 +235,29 @@ def test_an_archive_of_many_empty_files_is_refused(server, monkeypatch, data_env
     with pytest.raises(UnsafeArchiveError, match="30,000 members|more than .* members"):
         untar_data("TOY")
     assert everything_under(data_env) == ["toyset.tgz"]
+
+
+def test_a_huge_pax_header_is_refused_before_it_is_read_into_memory(tmp_path, data_env):
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type = tarfile.XHDTYPE
+    info.size = 100 * 2**20
+    archive = tmp_path / "pax.tgz"
+    with gzip.open(archive, "wb", compresslevel=9) as out:
+        out.write(info.tobuf(format=tarfile.USTAR_FORMAT))
+        for _ in range(100):
+            out.write(bytes(2**20))
+        member, data = tar_member("toyset/a.txt", data=b"a")
+        out.write(member.tobuf(format=tarfile.USTAR_FORMAT) + data.ljust(512, b"\0") + bytes(1024))
+    assert archive.stat().st_size < 2**20
+    with pytest.raises(UnsafeArchiveError, match="at once"):
+        safe_extract(archive, data_env / "toyset")
+    assert not data_env.exists() or everything_under(data_env) == []
+
+
+@pytest.mark.parametrize("mode", ["w:bz2", "w:xz", "w"])
+def test_other_tar_compressions_still_extract(mode, tmp_path, data_env):
+    archive = make_tar(tmp_path / "toyset.tar", GOOD, mode=mode)
+    assert (safe_extract(archive, data_env / "toyset") / "labels.csv").read_bytes() == b"name,label\na.png,cat\n"
 
 
 def test_the_limits_can_be_raised_for_one_call_or_by_environment(tmp_path, data_env, monkeypatch):

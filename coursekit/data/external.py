@@ -8,9 +8,11 @@ __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folde
            'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError',
            'UnreadableArchiveError', 'safe_extract', 'register_standin', 'untar_data', 'seed_weights_cache']
 
-# %% ../../nbs/core/02_data_external.ipynb #a954c271
+# %% ../../nbs/core/02_data_external.ipynb #bd2c305f
+import bz2
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import http.client
 import lzma
@@ -39,7 +41,7 @@ from tqdm.auto import tqdm
 
 import coursekit
 
-# %% ../../nbs/core/02_data_external.ipynb #aaa1e8ad
+# %% ../../nbs/core/02_data_external.ipynb #317e08c2
 def _is_plain_name(name: str) -> bool:
     "Whether `name` is one ordinary file or folder name: not empty, not hidden, no separator or NUL, not too long."
     return bool(name) and not name.startswith(".") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
@@ -81,7 +83,7 @@ class CatalogueEntry:
         "The checks a download of this entry must pass, as keyword arguments of `verify_file`."
         return {"size": self.size, "sha256": self.sha256, "md5": self.md5, "md5_first_mib": self.md5_first_mib}
 
-# %% ../../nbs/core/02_data_external.ipynb #110b7142
+# %% ../../nbs/core/02_data_external.ipynb #0359a07c
 _FASTAI_CHECKS = "size and md5_first_mib: fastai's fastai/data/checks.txt"
 _FASTAI_JL = "sha256: FluxML/FastAI.jl src/datasets/fastaidatasets.jl (one independent source)"
 _PETS_CITE = "O. M. Parkhi, A. Vedaldi, A. Zisserman, C. V. Jawahar. Cats and Dogs. CVPR 2012."
@@ -167,7 +169,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in [
                  "S. Merity, N. S. Keskar, R. Socher. Regularizing and Optimizing LSTM Language Models. ICLR 2018."),
 ]}
 
-# %% ../../nbs/core/02_data_external.ipynb #b7723471
+# %% ../../nbs/core/02_data_external.ipynb #c14c74fc
 class URLs:
     "The catalogue's download addresses by name, as in fastai: `untar_data(URLs.PETS)`."
     PETS = CATALOGUE["PETS"].url
@@ -182,7 +184,7 @@ class URLs:
     WIKITEXT_2 = CATALOGUE["WIKITEXT_2"].url
     WT103_FWD = CATALOGUE["WT103_FWD"].url
 
-# %% ../../nbs/core/02_data_external.ipynb #8b2ac9bb
+# %% ../../nbs/core/02_data_external.ipynb #ac3b5d1b
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 def _strip_archive_suffix(name: str) -> str:
@@ -208,7 +210,7 @@ def catalogue_entry(name_or_url) -> CatalogueEntry:
     return CatalogueEntry(name=key, url=key, folder=folder,
                           checksum_source="none: this URL is not in coursekit's catalogue")
 
-# %% ../../nbs/core/02_data_external.ipynb #866c29ff
+# %% ../../nbs/core/02_data_external.ipynb #5da1a0b1
 def _checkout_root() -> Path | None:
     "The course checkout coursekit is imported from, or None for an installed package."
     root = Path(coursekit.__file__).resolve().parent.parent
@@ -221,7 +223,7 @@ def data_folder() -> Path:
     checkout = _checkout_root()
     return checkout / "data" if checkout is not None else Path.home() / ".coursekit" / "data"
 
-# %% ../../nbs/core/02_data_external.ipynb #21bfa116
+# %% ../../nbs/core/02_data_external.ipynb #46fedfd2
 def _mirror_root() -> Path | None:
     "The folder `$COURSEKIT_MIRROR` names, None when it is not set, and an error when it names no folder."
     mirror = os.environ.get("COURSEKIT_MIRROR")
@@ -243,7 +245,7 @@ def mirror_folder(name_or_url) -> Path | None:
     folder = root / catalogue_entry(name_or_url).folder
     return folder if folder.is_dir() else None
 
-# %% ../../nbs/core/02_data_external.ipynb #a485fd90
+# %% ../../nbs/core/02_data_external.ipynb #21ea3249
 _MIB = 2**20
 
 class _StreamHasher:
@@ -270,7 +272,7 @@ def file_hashes(path) -> dict:
             hasher.update(chunk)
     return hasher.result()
 
-# %% ../../nbs/core/02_data_external.ipynb #f1566f0b
+# %% ../../nbs/core/02_data_external.ipynb #9d77b815
 class ChecksumError(ValueError):
     "A file's size or hash differs from the value the catalogue pins."
 
@@ -287,7 +289,7 @@ def verify_file(path, size=None, sha256=None, md5=None, md5_first_mib=None) -> d
     _raise_on_mismatch(path, actual, {"size": size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib})
     return actual
 
-# %% ../../nbs/core/02_data_external.ipynb #c3805565
+# %% ../../nbs/core/02_data_external.ipynb #dde43de1
 class DownloadError(OSError):
     "A file could not be fetched: no network, a server error, an incomplete transfer, or a deadline passed."
 
@@ -437,7 +439,7 @@ def download_url(url: str, dest, expected_size: int | None = None, sha256: str |
     os.replace(part, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #6ed70420
+# %% ../../nbs/core/02_data_external.ipynb #1f5cb7a4
 class UnsafeArchiveError(ValueError):
     "An archive coursekit refuses to extract: a member escapes, is a link or device, or it unpacks to too much."
 
@@ -477,7 +479,7 @@ def _unpack_limits(archive_bytes: int, max_bytes: int | None = None, max_members
         max_members = _limit_from_environment("COURSEKIT_MAX_ARCHIVE_MEMBERS", derived_members)
     return _Limits(max_bytes, max_members)
 
-# %% ../../nbs/core/02_data_external.ipynb #a196e1ea
+# %% ../../nbs/core/02_data_external.ipynb #4b28fabb
 @dataclass(frozen=True)
 class _Member:
     "One archive member as the checks see it."
@@ -507,8 +509,41 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
         return "file"
     return "device or other special file"
 
+_MAX_SINGLE_READ = 16 * _MIB
+
+class _CappedReader:
+    "The file object tarfile reads: any single read over `_MAX_SINGLE_READ` (a header asking for gigabytes) is refused."
+    def __init__(self, stream, archive: Path):
+        self.stream = stream
+        self.archive = archive
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > _MAX_SINGLE_READ:
+            raise _refusal(self.archive, f"one of its headers asks to read {size:,} bytes at once, more than "
+                                         f"{_MAX_SINGLE_READ:,} (a memory bomb?)")
+        return self.stream.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+def _decompressed(raw):
+    "`raw` itself, or a reader that decompresses it when it starts like a gzip, bzip2 or xz stream."
+    head = raw.read(6)
+    raw.seek(0)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return contextlib.nullcontext(raw)
+
 def _tar_members(archive: Path) -> Iterator[tuple[_Member, Callable]]:
-    with tarfile.open(archive, "r:*") as tar:
+    with open(archive, "rb") as raw, _decompressed(raw) as stream, \
+            tarfile.open(fileobj=_CappedReader(stream, archive), mode="r:") as tar:
         for info in tar:
             member = _Member(info.name, _tar_kind(info), info.size, info.linkname)
             yield member, lambda info=info: tar.extractfile(info)
@@ -550,7 +585,7 @@ def _reading(archive: Path):
         reason = guess or f"it is truncated, corrupt, or not an archive ({type(err).__name__}: {err})"
         raise UnreadableArchiveError(archive, reason) from err
 
-# %% ../../nbs/core/02_data_external.ipynb #446e18c7
+# %% ../../nbs/core/02_data_external.ipynb #38ee36f7
 def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(f"Refusing to extract {archive}: {problem}. Nothing was extracted.")
 
@@ -633,7 +668,7 @@ def _check_members(archive: Path, limits: _Limits):
         for _ in _checked_members(archive, limits):
             pass
 
-# %% ../../nbs/core/02_data_external.ipynb #4ecbd4ef
+# %% ../../nbs/core/02_data_external.ipynb #0510810b
 def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
     "The path of a member under `root`, with its folders made; its folder's real path must be inside `root`."
     target = root.joinpath(*parts)
@@ -672,7 +707,7 @@ def _write_members(archive: Path, into: Path, limits: _Limits):
             with open_data() as source:
                 written += _write_file(source, target, limits.max_bytes - written, archive, limits)
 
-# %% ../../nbs/core/02_data_external.ipynb #fde164a0
+# %% ../../nbs/core/02_data_external.ipynb #d359f179
 def _content_root(folder: Path) -> Path:
     "The single top-level folder of an extracted archive, or the extraction folder itself."
     entries = list(folder.iterdir())
@@ -700,7 +735,7 @@ def safe_extract(archive, dest, *, max_bytes: int | None = None, max_members: in
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #7f7f24d6
+# %% ../../nbs/core/02_data_external.ipynb #6709496a
 _STANDINS: dict[str, Callable[[Path], None]] = {}
 
 def register_standin(name_or_url, make_fn: Callable[[Path], None]):
@@ -737,7 +772,7 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #c603bfdf
+# %% ../../nbs/core/02_data_external.ipynb #35342ada
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -781,7 +816,7 @@ def _dataset_lock(path: Path):
         path.unlink(missing_ok=True)
         os.close(fd)
 
-# %% ../../nbs/core/02_data_external.ipynb #1e300aef
+# %% ../../nbs/core/02_data_external.ipynb #95acf089
 def _whole_file_pinned(entry: CatalogueEntry) -> bool:
     return entry.sha256 is not None or entry.md5 is not None
 
@@ -884,7 +919,7 @@ def untar_data(name_or_url, force_download: bool = False) -> Path:
     with _dataset_lock(root / f".{entry.folder}.lock"):
         return _fetch_and_extract(entry, root, force_download)
 
-# %% ../../nbs/core/02_data_external.ipynb #71e03623
+# %% ../../nbs/core/02_data_external.ipynb #6096a33b
 def _hash_prefix_ok(path: Path) -> bool:
     "Whether `path`'s SHA-256 starts with the hex prefix torch.hub names it by (true when it has none)."
     match = re.search(torch.hub.HASH_REGEX, path.name)

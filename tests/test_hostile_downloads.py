@@ -529,10 +529,12 @@ def test_a_server_that_trickles_its_headers_hits_the_deadline_from_the_environme
     assert not data_env.exists() or everything_under(data_env) == []
 
 
-def test_a_bad_deadline_setting_is_named(monkeypatch, tmp_path):
-    monkeypatch.setenv("COURSEKIT_DOWNLOAD_DEADLINE", "soon")
+@pytest.mark.parametrize("value", ["soon", "0", "-1", "inf", "nan"])
+def test_a_bad_deadline_setting_is_named(value, monkeypatch, tmp_path):
+    monkeypatch.setenv("COURSEKIT_DOWNLOAD_DEADLINE", value)
     with pytest.raises(ValueError, match="COURSEKIT_DOWNLOAD_DEADLINE"):
         download_url("http://127.0.0.1:9/x.tgz", tmp_path / "x.tgz", show_progress=False)
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- COURSEKIT_MIRROR pointing nowhere

@@ -555,6 +555,16 @@ def test_a_missing_mirror_is_named_instead_of_downloading(server, monkeypatch, t
         external.seed_weights_cache("resnet34-b627a593.pth")
 
 
+def test_a_weights_name_with_folders_cannot_copy_outside_the_caches(tmp_path, monkeypatch):
+    (tmp_path / "mirror" / "weights").mkdir(parents=True)
+    (tmp_path / "mirror" / "secret.pth").write_bytes(b"not a weights file")
+    monkeypatch.setenv("COURSEKIT_MIRROR", str(tmp_path / "mirror"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ValueError, match="plain file name"):
+        external.seed_weights_cache("../secret.pth")
+    assert not (tmp_path / "torch").exists()
+
+
 # ---------------------------------------------------------------- coursekit lesson --out
 @pytest.mark.parametrize("where", ["under_a_file", "dev_null", "is_a_file"])
 def test_lesson_out_that_cannot_be_written_is_refused_before_running(where, tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folde
            'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError',
            'UnreadableArchiveError', 'safe_extract', 'register_standin', 'untar_data', 'seed_weights_cache']
 
-# %% ../../nbs/core/02_data_external.ipynb #5f794bec
+# %% ../../nbs/core/02_data_external.ipynb #01370c2e
 import bz2
 import contextlib
 import fcntl
@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 import coursekit
 
-# %% ../../nbs/core/02_data_external.ipynb #f95616cc
+# %% ../../nbs/core/02_data_external.ipynb #116e0cda
 def _is_plain_name(name: str) -> bool:
     "Whether `name` is one ordinary file or folder name: not empty, not hidden, no separator or NUL, not too long."
     return bool(name) and not name.startswith(".") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
@@ -83,7 +83,7 @@ class CatalogueEntry:
         "The checks a download of this entry must pass, as keyword arguments of `verify_file`."
         return {"size": self.size, "sha256": self.sha256, "md5": self.md5, "md5_first_mib": self.md5_first_mib}
 
-# %% ../../nbs/core/02_data_external.ipynb #57e73b44
+# %% ../../nbs/core/02_data_external.ipynb #e416f68f
 _FASTAI_CHECKS = "size and md5_first_mib: fastai's fastai/data/checks.txt"
 _FASTAI_JL = "sha256: FluxML/FastAI.jl src/datasets/fastaidatasets.jl (one independent source)"
 _PETS_CITE = "O. M. Parkhi, A. Vedaldi, A. Zisserman, C. V. Jawahar. Cats and Dogs. CVPR 2012."
@@ -169,7 +169,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in [
                  "S. Merity, N. S. Keskar, R. Socher. Regularizing and Optimizing LSTM Language Models. ICLR 2018."),
 ]}
 
-# %% ../../nbs/core/02_data_external.ipynb #300d17eb
+# %% ../../nbs/core/02_data_external.ipynb #d4d1942e
 class URLs:
     "The catalogue's download addresses by name, as in fastai: `untar_data(URLs.PETS)`."
     PETS = CATALOGUE["PETS"].url
@@ -184,7 +184,7 @@ class URLs:
     WIKITEXT_2 = CATALOGUE["WIKITEXT_2"].url
     WT103_FWD = CATALOGUE["WT103_FWD"].url
 
-# %% ../../nbs/core/02_data_external.ipynb #fb706d5c
+# %% ../../nbs/core/02_data_external.ipynb #09cfb75b
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 def _strip_archive_suffix(name: str) -> str:
@@ -210,7 +210,7 @@ def catalogue_entry(name_or_url) -> CatalogueEntry:
     return CatalogueEntry(name=key, url=key, folder=folder,
                           checksum_source="none: this URL is not in coursekit's catalogue")
 
-# %% ../../nbs/core/02_data_external.ipynb #bea2e251
+# %% ../../nbs/core/02_data_external.ipynb #30c679c7
 def _checkout_root() -> Path | None:
     "The course checkout coursekit is imported from, or None for an installed package."
     root = Path(coursekit.__file__).resolve().parent.parent
@@ -223,7 +223,7 @@ def data_folder() -> Path:
     checkout = _checkout_root()
     return checkout / "data" if checkout is not None else Path.home() / ".coursekit" / "data"
 
-# %% ../../nbs/core/02_data_external.ipynb #9852763b
+# %% ../../nbs/core/02_data_external.ipynb #cf938f52
 def _mirror_root() -> Path | None:
     "The folder `$COURSEKIT_MIRROR` names, None when it is not set, and an error when it names no folder."
     mirror = os.environ.get("COURSEKIT_MIRROR")
@@ -245,7 +245,7 @@ def mirror_folder(name_or_url) -> Path | None:
     folder = root / catalogue_entry(name_or_url).folder
     return folder if folder.is_dir() else None
 
-# %% ../../nbs/core/02_data_external.ipynb #c2f65ca3
+# %% ../../nbs/core/02_data_external.ipynb #8c8af14c
 _MIB = 2**20
 
 class _StreamHasher:
@@ -272,7 +272,7 @@ def file_hashes(path) -> dict:
             hasher.update(chunk)
     return hasher.result()
 
-# %% ../../nbs/core/02_data_external.ipynb #36b09fcb
+# %% ../../nbs/core/02_data_external.ipynb #af03c277
 class ChecksumError(ValueError):
     "A file's size or hash differs from the value the catalogue pins."
 
@@ -289,7 +289,7 @@ def verify_file(path, size=None, sha256=None, md5=None, md5_first_mib=None) -> d
     _raise_on_mismatch(path, actual, {"size": size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib})
     return actual
 
-# %% ../../nbs/core/02_data_external.ipynb #cc0a0d08
+# %% ../../nbs/core/02_data_external.ipynb #222132ea
 class DownloadError(OSError):
     "A file could not be fetched: no network, a server error, an incomplete transfer, or a deadline passed."
 
@@ -445,7 +445,7 @@ def download_url(url: str, dest, expected_size: int | None = None, sha256: str |
     os.replace(part, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #044632c0
+# %% ../../nbs/core/02_data_external.ipynb #6aca4a24
 class UnsafeArchiveError(ValueError):
     "An archive coursekit refuses to extract: a member escapes, is a link or device, or it unpacks to too much."
 
@@ -485,7 +485,7 @@ def _unpack_limits(archive_bytes: int, max_bytes: int | None = None, max_members
         max_members = _limit_from_environment("COURSEKIT_MAX_ARCHIVE_MEMBERS", derived_members)
     return _Limits(max_bytes, max_members)
 
-# %% ../../nbs/core/02_data_external.ipynb #b1b372de
+# %% ../../nbs/core/02_data_external.ipynb #54fbe676
 @dataclass(frozen=True)
 class _Member:
     "One archive member as the checks see it."
@@ -591,7 +591,7 @@ def _reading(archive: Path):
         reason = guess or f"it is truncated, corrupt, or not an archive ({type(err).__name__}: {err})"
         raise UnreadableArchiveError(archive, reason) from err
 
-# %% ../../nbs/core/02_data_external.ipynb #b615f4a0
+# %% ../../nbs/core/02_data_external.ipynb #952f96e9
 def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
     return UnsafeArchiveError(f"Refusing to extract {archive}: {problem}. Nothing was extracted.")
 
@@ -674,7 +674,7 @@ def _check_members(archive: Path, limits: _Limits):
         for _ in _checked_members(archive, limits):
             pass
 
-# %% ../../nbs/core/02_data_external.ipynb #aea405ac
+# %% ../../nbs/core/02_data_external.ipynb #a5b19a09
 def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
     "The path of a member under `root`, with its folders made; its folder's real path must be inside `root`."
     target = root.joinpath(*parts)
@@ -713,7 +713,7 @@ def _write_members(archive: Path, into: Path, limits: _Limits):
             with open_data() as source:
                 written += _write_file(source, target, limits.max_bytes - written, archive, limits)
 
-# %% ../../nbs/core/02_data_external.ipynb #d510d245
+# %% ../../nbs/core/02_data_external.ipynb #436619b0
 def _content_root(folder: Path) -> Path:
     "The single top-level folder of an extracted archive, or the extraction folder itself."
     entries = list(folder.iterdir())
@@ -741,7 +741,7 @@ def safe_extract(archive, dest, *, max_bytes: int | None = None, max_members: in
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #be8b7065
+# %% ../../nbs/core/02_data_external.ipynb #6be7f841
 _STANDINS: dict[str, Callable[[Path], None]] = {}
 
 def register_standin(name_or_url, make_fn: Callable[[Path], None]):
@@ -778,7 +778,7 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
             shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #69247bdb
+# %% ../../nbs/core/02_data_external.ipynb #9b25527a
 def _holder(path: Path) -> str:
     try:
         return path.read_text().strip() or "another process"
@@ -822,7 +822,7 @@ def _dataset_lock(path: Path):
         path.unlink(missing_ok=True)
         os.close(fd)
 
-# %% ../../nbs/core/02_data_external.ipynb #e81840da
+# %% ../../nbs/core/02_data_external.ipynb #c541c3a2
 def _whole_file_pinned(entry: CatalogueEntry) -> bool:
     return entry.sha256 is not None or entry.md5 is not None
 
@@ -925,7 +925,7 @@ def untar_data(name_or_url, force_download: bool = False) -> Path:
     with _dataset_lock(root / f".{entry.folder}.lock"):
         return _fetch_and_extract(entry, root, force_download)
 
-# %% ../../nbs/core/02_data_external.ipynb #03fd8b79
+# %% ../../nbs/core/02_data_external.ipynb #f05e58dd
 def _hash_prefix_ok(path: Path) -> bool:
     "Whether `path`'s SHA-256 starts with the hex prefix torch.hub names it by (true when it has none)."
     match = re.search(torch.hub.HASH_REGEX, path.name)
@@ -933,6 +933,8 @@ def _hash_prefix_ok(path: Path) -> bool:
 
 def seed_weights_cache(filename: str) -> bool:
     "Copy `$COURSEKIT_MIRROR/weights/<filename>` into torch's hub cache; True when the cache now holds it."
+    if not _is_plain_name(filename):
+        raise ValueError(f"{filename!r} is not a plain file name (no folders, no leading '.'), as a weights file's is.")
     mirror = _mirror_root()
     src = mirror / "weights" / filename if mirror is not None else None
     if src is None or not src.is_file():

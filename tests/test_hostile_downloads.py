@@ -24,7 +24,7 @@ import pytest
 
 from coursekit import cli
 from coursekit.data import external
-from coursekit.data.external import (CATALOGUE, CatalogueEntry, ChecksumError, UnreadableArchiveError, DownloadError,
+from coursekit.data.external import (CATALOGUE, CatalogueEntry, ChecksumError, DownloadError, UnreadableArchiveError,
                                      UnsafeArchiveError, download_url, file_hashes, safe_extract, untar_data)
 
 
@@ -223,6 +223,7 @@ def test_a_small_archive_that_inflates_enormously_is_refused_before_writing(serv
     archive = size_bomb(served / "toyset.tgz", 400 * 2**20)     # about 400 KB that inflates to 400 MiB
     assert archive.stat().st_size < 2**20
     pin(monkeypatch, archive, f"{base}/toyset.tgz")
+    monkeypatch.setattr(external, "_write_members", lambda *args: pytest.fail("wrote before checking the headers"))
     with pytest.raises(UnsafeArchiveError, match="(?s)unpacks to .* more than the limit"):
         untar_data("TOY")
     assert everything_under(data_env) == ["toyset.tgz"]
@@ -232,6 +233,7 @@ def test_an_archive_of_many_empty_files_is_refused(server, monkeypatch, data_env
     base, served, _ = server
     archive = count_bomb(served / "toyset.tgz", 30_000)
     pin(monkeypatch, archive, f"{base}/toyset.tgz")
+    monkeypatch.setattr(external, "_write_members", lambda *args: pytest.fail("wrote before checking the headers"))
     with pytest.raises(UnsafeArchiveError, match="30,000 members|more than .* members"):
         untar_data("TOY")
     assert everything_under(data_env) == ["toyset.tgz"]

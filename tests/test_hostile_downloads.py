@@ -220,7 +220,7 @@ def count_bomb(path: Path, members: int) -> Path:
 
 def test_a_small_archive_that_inflates_enormously_is_refused_before_writing(server, monkeypatch, data_env):
     base, served, _ = server
-    archive = size_bomb(served / "toyset.tgz", 400 * 2**20)     # about 400 KB that inflates to 400 MiB
+    archive = size_bomb(served / "toyset.tgz", 200 * 2**20)     # about 200 KB that inflates to 200 MiB
     assert archive.stat().st_size < 2**20
     pin(monkeypatch, archive, f"{base}/toyset.tgz")
     monkeypatch.setattr(external, "_write_members", lambda *args: pytest.fail("wrote before checking the headers"))
@@ -231,10 +231,10 @@ def test_a_small_archive_that_inflates_enormously_is_refused_before_writing(serv
 
 def test_an_archive_of_many_empty_files_is_refused(server, monkeypatch, data_env):
     base, served, _ = server
-    archive = count_bomb(served / "toyset.tgz", 30_000)
+    archive = count_bomb(served / "toyset.tgz", 12_000)
     pin(monkeypatch, archive, f"{base}/toyset.tgz")
     monkeypatch.setattr(external, "_write_members", lambda *args: pytest.fail("wrote before checking the headers"))
-    with pytest.raises(UnsafeArchiveError, match="30,000 members|more than .* members"):
+    with pytest.raises(UnsafeArchiveError, match="more than 10,000 members"):
         untar_data("TOY")
     assert everything_under(data_env) == ["toyset.tgz"]
 

@@ -5,32 +5,52 @@ without a network."""
 
 # %% auto #0
 __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folder', 'mirror_folder', 'file_hashes',
-           'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError', 'safe_extract',
-           'register_standin', 'untar_data', 'seed_weights_cache']
+           'ChecksumError', 'verify_file', 'DownloadError', 'download_url', 'UnsafeArchiveError',
+           'UnreadableArchiveError', 'safe_extract', 'register_standin', 'untar_data', 'seed_weights_cache']
 
-# %% ../../nbs/core/02_data_external.ipynb #dae6489f
+# %% ../../nbs/core/02_data_external.ipynb #01370c2e
+import bz2
+import contextlib
+import fcntl
+import gzip
 import hashlib
+import http.client
+import lzma
+import math
 import os
-import posixpath
 import re
 import shutil
+import socket
+import stat
 import sys
 import tarfile
 import tempfile
+import threading
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
-from http.client import HTTPException
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 import coursekit
 
-# %% ../../nbs/core/02_data_external.ipynb #2a55065a
+# %% ../../nbs/core/02_data_external.ipynb #116e0cda
+def _is_plain_name(name: str) -> bool:
+    "Whether `name` is one ordinary file or folder name: not empty, not hidden, no separator or NUL, not too long."
+    return bool(name) and not name.startswith(".") and not set(name) & set("/\\\0") and len(name.encode()) <= 200
+
+def _url_file_name(url: str) -> str:
+    "The file name at the end of `url`'s path (no query, no fragment), percent-decoded."
+    last = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]
+    return urllib.parse.unquote(last)
+
 @dataclass(frozen=True, kw_only=True)
 class CatalogueEntry:
     "One downloadable archive: where it lives, what it extracts to, how to check it, and whose it is."
@@ -45,17 +65,25 @@ class CatalogueEntry:
     licence: str = ""
     citation: str = ""
 
+    def __post_init__(self):
+        if not _is_plain_name(self.folder):
+            raise ValueError(f"{self.url!r} does not give a usable folder name ({self.folder!r}): a folder name must "
+                             "not be empty, start with '.', contain '/' or '\\', or be longer than 200 bytes. Rename "
+                             "the archive, or add a CatalogueEntry with an explicit folder name.")
+        if not _is_plain_name(self.archive_name):
+            raise ValueError(f"{self.url!r} does not end in a usable archive file name ({self.archive_name!r}).")
+
     @property
     def archive_name(self) -> str:
-        "The archive's file name: the last part of its URL."
-        return self.url.rsplit("/", 1)[-1]
+        "The archive's file name: the last part of its URL's path."
+        return _url_file_name(self.url)
 
     @property
     def expected(self) -> dict:
         "The checks a download of this entry must pass, as keyword arguments of `verify_file`."
         return {"size": self.size, "sha256": self.sha256, "md5": self.md5, "md5_first_mib": self.md5_first_mib}
 
-# %% ../../nbs/core/02_data_external.ipynb #e2e88926
+# %% ../../nbs/core/02_data_external.ipynb #e416f68f
 _FASTAI_CHECKS = "size and md5_first_mib: fastai's fastai/data/checks.txt"
 _FASTAI_JL = "sha256: FluxML/FastAI.jl src/datasets/fastaidatasets.jl (one independent source)"
 _PETS_CITE = "O. M. Parkhi, A. Vedaldi, A. Zisserman, C. V. Jawahar. Cats and Dogs. CVPR 2012."
@@ -141,7 +169,7 @@ CATALOGUE: dict[str, CatalogueEntry] = {e.name: e for e in [
                  "S. Merity, N. S. Keskar, R. Socher. Regularizing and Optimizing LSTM Language Models. ICLR 2018."),
 ]}
 
-# %% ../../nbs/core/02_data_external.ipynb #64cb858f
+# %% ../../nbs/core/02_data_external.ipynb #d4d1942e
 class URLs:
     "The catalogue's download addresses by name, as in fastai: `untar_data(URLs.PETS)`."
     PETS = CATALOGUE["PETS"].url
@@ -156,29 +184,33 @@ class URLs:
     WIKITEXT_2 = CATALOGUE["WIKITEXT_2"].url
     WT103_FWD = CATALOGUE["WT103_FWD"].url
 
-# %% ../../nbs/core/02_data_external.ipynb #63987004
+# %% ../../nbs/core/02_data_external.ipynb #09cfb75b
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 
 def _strip_archive_suffix(name: str) -> str:
     for suffix in _ARCHIVE_SUFFIXES:
-        if name.endswith(suffix): return name[: -len(suffix)]
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
     raise ValueError(f"{name!r} is not an archive coursekit can extract; "
                      f"expected one of {', '.join(_ARCHIVE_SUFFIXES)}.")
 
 def catalogue_entry(name_or_url) -> CatalogueEntry:
     "The entry for a name (`'PETS'`) or address (`URLs.PETS`); an unknown address gets an entry with nothing pinned."
-    if isinstance(name_or_url, CatalogueEntry): return name_or_url
+    if isinstance(name_or_url, CatalogueEntry):
+        return name_or_url
     key = str(name_or_url)
-    if key in CATALOGUE: return CATALOGUE[key]
+    if key in CATALOGUE:
+        return CATALOGUE[key]
     for entry in CATALOGUE.values():
-        if entry.url == key: return entry
+        if entry.url == key:
+            return entry
     if "://" not in key:
         raise KeyError(f"{key!r} is neither a catalogue name nor a URL. Catalogue names: {', '.join(CATALOGUE)}.")
-    archive = key.rsplit("/", 1)[-1]
-    return CatalogueEntry(name=key, url=key, folder=_strip_archive_suffix(archive),
+    folder = _strip_archive_suffix(_url_file_name(key))
+    return CatalogueEntry(name=key, url=key, folder=folder,
                           checksum_source="none: this URL is not in coursekit's catalogue")
 
-# %% ../../nbs/core/02_data_external.ipynb #9b2a1da6
+# %% ../../nbs/core/02_data_external.ipynb #30c679c7
 def _checkout_root() -> Path | None:
     "The course checkout coursekit is imported from, or None for an installed package."
     root = Path(coursekit.__file__).resolve().parent.parent
@@ -186,19 +218,34 @@ def _checkout_root() -> Path | None:
 
 def data_folder() -> Path:
     "Where datasets are downloaded and extracted: `$COURSEKIT_DATA`, else a checkout's `data/`, else ~/.coursekit/data."
-    if env := os.environ.get("COURSEKIT_DATA"): return Path(env).expanduser().absolute()
+    if env := os.environ.get("COURSEKIT_DATA"):
+        return Path(env).expanduser().absolute()
     checkout = _checkout_root()
     return checkout / "data" if checkout is not None else Path.home() / ".coursekit" / "data"
 
-# %% ../../nbs/core/02_data_external.ipynb #34accaf6
+# %% ../../nbs/core/02_data_external.ipynb #cf938f52
+def _mirror_root() -> Path | None:
+    "The folder `$COURSEKIT_MIRROR` names, None when it is not set, and an error when it names no folder."
+    mirror = os.environ.get("COURSEKIT_MIRROR")
+    if not mirror:
+        return None
+    root = Path(mirror).expanduser().absolute()
+    fix = "Fix the path, mount or create the folder, or unset COURSEKIT_MIRROR to download datasets instead."
+    if not root.exists():
+        raise FileNotFoundError(f"COURSEKIT_MIRROR is set to {root}, which does not exist. {fix}")
+    if not root.is_dir():
+        raise NotADirectoryError(f"COURSEKIT_MIRROR is set to {root}, which is not a folder. {fix}")
+    return root
+
 def mirror_folder(name_or_url) -> Path | None:
     "The dataset's folder in `$COURSEKIT_MIRROR`, or None when no mirror is set or it lacks the dataset."
-    mirror = os.environ.get("COURSEKIT_MIRROR")
-    if not mirror: return None
-    folder = Path(mirror).expanduser().absolute() / catalogue_entry(name_or_url).folder
+    root = _mirror_root()
+    if root is None:
+        return None
+    folder = root / catalogue_entry(name_or_url).folder
     return folder if folder.is_dir() else None
 
-# %% ../../nbs/core/02_data_external.ipynb #e728c99b
+# %% ../../nbs/core/02_data_external.ipynb #8c8af14c
 _MIB = 2**20
 
 class _StreamHasher:
@@ -207,8 +254,10 @@ class _StreamHasher:
         self.sha256, self.md5, self.head, self.size = hashlib.sha256(), hashlib.md5(), hashlib.md5(), 0
 
     def update(self, chunk: bytes):
-        if self.size < _MIB: self.head.update(chunk[: _MIB - self.size])
-        self.sha256.update(chunk); self.md5.update(chunk)
+        if self.size < _MIB:
+            self.head.update(chunk[: _MIB - self.size])
+        self.sha256.update(chunk)
+        self.md5.update(chunk)
         self.size += len(chunk)
 
     def result(self) -> dict:
@@ -219,10 +268,11 @@ def file_hashes(path) -> dict:
     "Size, SHA-256, MD5 and fastai's MD5-of-the-first-MiB of the file at `path`, from one read."
     hasher = _StreamHasher()
     with open(path, "rb") as f:
-        while chunk := f.read(_MIB): hasher.update(chunk)
+        while chunk := f.read(_MIB):
+            hasher.update(chunk)
     return hasher.result()
 
-# %% ../../nbs/core/02_data_external.ipynb #b7a525b4
+# %% ../../nbs/core/02_data_external.ipynb #af03c277
 class ChecksumError(ValueError):
     "A file's size or hash differs from the value the catalogue pins."
 
@@ -239,113 +289,459 @@ def verify_file(path, size=None, sha256=None, md5=None, md5_first_mib=None) -> d
     _raise_on_mismatch(path, actual, {"size": size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib})
     return actual
 
-# %% ../../nbs/core/02_data_external.ipynb #d9493dd9
+# %% ../../nbs/core/02_data_external.ipynb #222132ea
 class DownloadError(OSError):
-    "A file could not be fetched: no network, a server error, or an incomplete transfer."
+    "A file could not be fetched: no network, a server error, an incomplete transfer, or a deadline passed."
 
 _CHUNK = 256 * 1024
+_DEFAULT_DEADLINE = 2 * 60 * 60
+
+def _positive_seconds(value, name: str) -> float:
+    "`value` as a finite, positive number of seconds, else an error naming `name`."
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ValueError(f"{name}={value!r} is not a positive number of seconds; use, say, 14400 for four hours "
+                         "(the default is two hours).")
+    return seconds
+
+def _deadline(deadline) -> float:
+    "Seconds a whole download may take: `deadline`, else `$COURSEKIT_DOWNLOAD_DEADLINE`, else two hours."
+    if deadline is not None:
+        return _positive_seconds(deadline, "deadline")
+    value = os.environ.get("COURSEKIT_DOWNLOAD_DEADLINE")
+    if not value:
+        return _DEFAULT_DEADLINE
+    return _positive_seconds(value, "COURSEKIT_DOWNLOAD_DEADLINE")
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, urllib.error.HTTPError): return f"HTTP {err.code} {err.reason}"
-    if isinstance(err, urllib.error.URLError): return str(err.reason)
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, urllib.error.URLError):
+        return str(err.reason)
     return str(err) or type(err).__name__
 
 def _content_length(response) -> int | None:
     length = response.headers.get("Content-Length")
     return int(length) if length and length.isdigit() else None
 
+class _TrackingHTTPHandler(urllib.request.HTTPHandler):
+    "urllib's HTTP handler, keeping each connection it opens in `connections`, so that a deadline can cut them."
+    def __init__(self, connections: list):
+        super().__init__()
+        self.connections = connections
+
+    def http_open(self, req):
+        return self.do_open(self._connect, req)
+
+    def _connect(self, *args, **kwargs) -> http.client.HTTPConnection:
+        connection = http.client.HTTPConnection(*args, **kwargs)
+        self.connections.append(connection)
+        return connection
+
+class _TrackingHTTPSHandler(urllib.request.HTTPSHandler):
+    "urllib's HTTPS handler, keeping each connection it opens in `connections`, so that a deadline can cut them."
+    def __init__(self, connections: list):
+        super().__init__()
+        self.connections = connections
+
+    def https_open(self, req):
+        return self.do_open(self._connect, req, context=self._context)
+
+    def _connect(self, *args, **kwargs) -> http.client.HTTPSConnection:
+        connection = http.client.HTTPSConnection(*args, **kwargs)
+        self.connections.append(connection)
+        return connection
+
+def _cut(connections: list):
+    "Shut down the sockets of `connections`, so that a thread blocked reading them returns at once."
+    for connection in connections:
+        if connection.sock is None:
+            continue
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass   # already closed
+
+def _stream(url: str, out, expected_size: int | None, timeout: float, hasher: _StreamHasher, bar,
+            stop: threading.Event, outcome: dict):
+    "Copy `url` into the open file `out` (on a worker thread) until the end or `stop`; fill in `outcome`."
+    opener = urllib.request.build_opener(_TrackingHTTPHandler(outcome["connections"]),
+                                         _TrackingHTTPSHandler(outcome["connections"]))
+    try:
+        with opener.open(url, timeout=timeout) as response:
+            outcome["length"] = _content_length(response)
+            if bar.total is None and outcome["length"] is not None:
+                bar.total = outcome["length"]
+            while not stop.is_set():
+                chunk = response.read1(_CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                hasher.update(chunk)
+                bar.update(len(chunk))
+                if expected_size is not None and hasher.size > expected_size:
+                    raise DownloadError(f"Could not download {url}: the server sent more than the {expected_size:,} "
+                                        "bytes the catalogue expects; the download was stopped and deleted.")
+    except Exception as err:
+        outcome["error"] = err
+
+def _transfer(url: str, part: Path, label: str, expected_size: int | None, timeout: float, deadline: float,
+              show_progress: bool, hasher: _StreamHasher) -> int | None:
+    "Stream `url` into `part` within `deadline` seconds, with a progress bar named `label`; return the announced length."
+    stop = threading.Event()
+    outcome = {"connections": []}
+    with open(part, "wb") as out, tqdm(total=expected_size, unit="B", unit_scale=True, unit_divisor=1024,
+                                       desc=label, disable=not show_progress, mininterval=0.5) as bar:
+        worker = threading.Thread(target=_stream, args=(url, out, expected_size, timeout, hasher, bar, stop, outcome),
+                                  daemon=True)
+        worker.start()
+        try:
+            worker.join(deadline)
+            finished = not worker.is_alive()
+        finally:
+            stop.set()
+            if worker.is_alive():
+                _cut(outcome["connections"])   # its blocked read returns at once, and it stops
+    if not finished:
+        raise TimeoutError(f"the download did not finish within its deadline of {deadline:g} s "
+                           f"({hasher.size:,} bytes received). On a slow connection, allow more time with "
+                           "COURSEKIT_DOWNLOAD_DEADLINE=<seconds>")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["length"]
+
 def download_url(url: str, dest, expected_size: int | None = None, sha256: str | None = None, *,
                  md5: str | None = None, md5_first_mib: str | None = None, timeout: float = 30.0,
+                 deadline: float | None = None, check: Callable[[Path], None] | None = None,
                  show_progress: bool = True) -> Path:
-    "Stream `url` to `dest.part` with a progress bar, check size and hashes, then rename it to `dest`."
+    "Stream `url` to a `.part` file, check size, hashes and `check(part)`, then rename it to `dest`."
+    deadline = _deadline(deadline)
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    hasher, length = _StreamHasher(), None
+    handle, part_name = tempfile.mkstemp(prefix=f"{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(handle)
+    part = Path(part_name)
     offline_hint = (f"If you are offline, set COURSEKIT_MIRROR to a folder holding the extracted dataset, "
                     f"or copy the archive to {dest} yourself.")
+    hasher = _StreamHasher()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(part, "wb") as out:
-            length = _content_length(response)
-            with tqdm(total=expected_size or length, unit="B", unit_scale=True, unit_divisor=1024,
-                      desc=dest.name, disable=not show_progress, mininterval=0.5) as bar:
-                while chunk := response.read(_CHUNK):
-                    out.write(chunk); hasher.update(chunk); bar.update(len(chunk))
-    except (urllib.error.URLError, TimeoutError, ConnectionError, HTTPException) as err:
+        try:
+            length = _transfer(url, part, dest.name, expected_size, timeout, deadline, show_progress, hasher)
+        except (urllib.error.URLError, TimeoutError, ConnectionError, http.client.HTTPException) as err:
+            raise DownloadError(f"Could not download {url}: {_reason(err)}. {offline_hint}") from err
+        actual = hasher.result()
+        if length is not None and actual["size"] != length:
+            raise DownloadError(f"Could not download {url}: received {actual['size']} of {length} bytes. {offline_hint}")
+        expected = {"size": expected_size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib}
+        _raise_on_mismatch(url, actual, expected, " (the download was deleted, not extracted)")
+        if check is not None:
+            check(part)
+    except BaseException:
         part.unlink(missing_ok=True)
-        raise DownloadError(f"Could not download {url}: {_reason(err)}. {offline_hint}") from err
-    actual = hasher.result()
-    if length is not None and actual["size"] != length:
-        part.unlink(missing_ok=True)
-        raise DownloadError(f"Could not download {url}: received {actual['size']} of {length} bytes. {offline_hint}")
-    expected = {"size": expected_size, "sha256": sha256, "md5": md5, "md5_first_mib": md5_first_mib}
-    _raise_on_mismatch(part, actual, expected, f" (downloaded from {url}; left in place, not extracted)")
+        raise
     os.replace(part, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #7abe2abb
+# %% ../../nbs/core/02_data_external.ipynb #6aca4a24
 class UnsafeArchiveError(ValueError):
-    "An archive member would be written outside the destination folder."
+    "An archive coursekit refuses to extract: a member escapes, is a link or device, or it unpacks to too much."
 
-def _escapes(path: str) -> bool:
-    "Whether a relative archive path leaves its root: absolute, a drive letter, or `..` after normalising."
-    path = path.replace("\\", "/")
-    if path.startswith("/") or re.match(r"^[A-Za-z]:", path): return True
-    norm = posixpath.normpath(path)
-    return norm == ".." or norm.startswith("../")
+class UnreadableArchiveError(ValueError):
+    "An archive that cannot be read to its end: truncated, corrupt, encrypted, empty, or not an archive at all."
+    def __init__(self, archive: Path, reason: str):
+        super().__init__(f"{archive} cannot be extracted: {reason}.")
+        self.reason = reason
 
-def _check_tar_members(tar: tarfile.TarFile, archive: Path):
-    "Refuse the archive if any member, or any link's target, would land outside the destination."
-    for m in tar.getmembers():
-        problem = None
-        if _escapes(m.name): problem = "its path leaves the destination"
-        elif m.issym() and _escapes(posixpath.join(posixpath.dirname(m.name), m.linkname)):
-            problem = f"it is a symbolic link to {m.linkname!r}, outside the destination"
-        elif m.islnk() and _escapes(m.linkname):
-            problem = f"it is a hard link to {m.linkname!r}, outside the destination"
-        elif not (m.isfile() or m.isdir() or m.issym() or m.islnk()): problem = "it is a device or other special file"
-        if problem:
-            raise UnsafeArchiveError(f"Refusing to extract {archive}: member {m.name!r} is unsafe ({problem}). "
-                                     "Nothing was extracted.")
+_UNPACK_RATIO = 20
+_MIN_UNPACKED_BYTES = 64 * _MIB
+_BYTES_PER_MEMBER = 64
+_MIN_MEMBERS = 10_000
+_MAX_MEMBERS = 300_000
 
-def _check_zip_members(zf: zipfile.ZipFile, archive: Path):
-    "Refuse the archive if any member's path would land outside the destination (zipfile writes links as plain files)."
-    for name in zf.namelist():
-        if _escapes(name):
-            raise UnsafeArchiveError(f"Refusing to extract {archive}: member {name!r} is unsafe "
-                                     "(its path leaves the destination). Nothing was extracted.")
+@dataclass(frozen=True)
+class _Limits:
+    "The most an archive may unpack to: bytes in all, and members."
+    max_bytes: int
+    max_members: int
 
-def _extract_checked(archive: Path, into: Path):
-    if archive.name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            _check_zip_members(zf, archive); zf.extractall(into)
-    else:
-        _strip_archive_suffix(archive.name)  # raises for a type we cannot extract
-        with tarfile.open(archive) as tar:
-            _check_tar_members(tar, archive)
-            tar.extractall(into, filter="data")  # Python's own checks, as a second line of defence
+def _limit_from_environment(variable: str, default: int) -> int:
+    value = os.environ.get(variable)
+    if not value:
+        return default
+    if not (value.isascii() and value.isdigit()) or int(value) == 0:
+        raise ValueError(f"{variable}={value!r} is not a positive whole number; set it to one, or unset it.")
+    return int(value)
 
+def _unpack_limits(archive_bytes: int, max_bytes: int | None = None, max_members: int | None = None) -> _Limits:
+    "The limits for an archive of `archive_bytes`: the values given, else the environment's, else derived from its size."
+    derived_bytes = max(_MIN_UNPACKED_BYTES, _UNPACK_RATIO * archive_bytes)
+    derived_members = min(_MAX_MEMBERS, max(_MIN_MEMBERS, archive_bytes // _BYTES_PER_MEMBER))
+    if max_bytes is None:
+        max_bytes = _limit_from_environment("COURSEKIT_MAX_UNPACKED_BYTES", derived_bytes)
+    if max_members is None:
+        max_members = _limit_from_environment("COURSEKIT_MAX_ARCHIVE_MEMBERS", derived_members)
+    return _Limits(max_bytes, max_members)
+
+# %% ../../nbs/core/02_data_external.ipynb #54fbe676
+@dataclass(frozen=True)
+class _Member:
+    "One archive member as the checks see it."
+    name: str
+    kind: str        # "file", "folder", "symbolic link", "hard link", or "device or other special file"
+    size: int        # the size its header declares
+    link: str = ""   # where a link points
+
+def _tar_kind(info: tarfile.TarInfo) -> str:
+    if info.isfile():
+        return "file"
+    if info.isdir():
+        return "folder"
+    if info.issym():
+        return "symbolic link"
+    if info.islnk():
+        return "hard link"
+    return "device or other special file"
+
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    file_type = stat.S_IFMT(info.external_attr >> 16)
+    if file_type == stat.S_IFLNK:
+        return "symbolic link"
+    if info.is_dir():
+        return "folder"
+    if file_type in (0, stat.S_IFREG):
+        return "file"
+    return "device or other special file"
+
+_MAX_SINGLE_READ = 16 * _MIB
+
+class _CappedReader:
+    "The file object tarfile reads: any single read over `_MAX_SINGLE_READ` (a header asking for gigabytes) is refused."
+    def __init__(self, stream, archive: Path):
+        self.stream = stream
+        self.archive = archive
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > _MAX_SINGLE_READ:
+            raise _refusal(self.archive, f"one of its headers asks to read {size:,} bytes at once, more than "
+                                         f"{_MAX_SINGLE_READ:,} (a memory bomb?)")
+        return self.stream.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.stream.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.stream.tell()
+
+def _decompressed(raw):
+    "`raw` itself, or a reader that decompresses it when it starts like a gzip, bzip2 or xz stream."
+    head = raw.read(6)
+    raw.seek(0)
+    if head.startswith(b"\x1f\x8b"):
+        return gzip.GzipFile(fileobj=raw)
+    if head.startswith(b"BZh"):
+        return bz2.BZ2File(raw)
+    if head.startswith(b"\xfd7zXZ\x00"):
+        return lzma.LZMAFile(raw)
+    return contextlib.nullcontext(raw)
+
+def _tar_members(archive: Path) -> Iterator[tuple[_Member, Callable]]:
+    with open(archive, "rb") as raw, _decompressed(raw) as stream, \
+            tarfile.open(fileobj=_CappedReader(stream, archive), mode="r:") as tar:
+        for info in tar:
+            member = _Member(info.name, _tar_kind(info), info.size, info.linkname)
+            yield member, lambda info=info: tar.extractfile(info)
+
+def _zip_members(archive: Path) -> Iterator[tuple[_Member, Callable]]:
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if info.flag_bits & 0x1:
+                raise UnreadableArchiveError(archive, f"member {info.filename!r} is encrypted, and coursekit "
+                                                      "cannot extract encrypted archives")
+            yield _Member(info.filename, _zip_kind(info), info.file_size), lambda info=info: zf.open(info)
+
+def _members(archive: Path) -> Iterator[tuple[_Member, Callable]]:
+    "Each member of a zip or tar archive (told apart by content), with a function that opens its data."
+    return _zip_members(archive) if zipfile.is_zipfile(archive) else _tar_members(archive)
+
+_READ_ERRORS = (tarfile.TarError, zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, NotImplementedError)
+
+def _looks_like(archive: Path) -> str:
+    "A guess at what a file that is not a readable archive is, from its first bytes."
+    with open(archive, "rb") as f:
+        head = f.read(1024).lstrip().lower()
+    if not head:
+        return "it is empty"
+    if head.startswith((b"<!doctype html", b"<html")) or b"<html" in head:
+        return "it is an HTML page (a login or error page?), not an archive"
+    return ""
+
+@contextlib.contextmanager
+def _reading(archive: Path):
+    "Report errors that mean 'these bytes are not a complete archive' as `UnreadableArchiveError`."
+    try:
+        yield
+    except Exception as err:
+        bad_bytes = isinstance(err, _READ_ERRORS) or (isinstance(err, OSError) and err.errno is None)
+        if not bad_bytes:
+            raise
+        guess = _looks_like(archive)
+        reason = guess or f"it is truncated, corrupt, or not an archive ({type(err).__name__}: {err})"
+        raise UnreadableArchiveError(archive, reason) from err
+
+# %% ../../nbs/core/02_data_external.ipynb #952f96e9
+def _refusal(archive: Path, problem: str) -> UnsafeArchiveError:
+    return UnsafeArchiveError(f"Refusing to extract {archive}: {problem}. Nothing was extracted.")
+
+def _member_parts(member: _Member, archive: Path) -> tuple[str, ...]:
+    "The path of `member` below the destination, as plain names; refuse absolute paths, `..` and odd names."
+    name = member.name
+    unsafe = f"member {name!r} is unsafe"
+    if "\\" in name or "\0" in name:
+        raise _refusal(archive, f"{unsafe} (its name contains a backslash or a NUL character)")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise _refusal(archive, f"{unsafe} (its path is absolute)")
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise _refusal(archive, f"{unsafe} (its path contains '..')")
+    if any(len(os.fsencode(part)) > 255 for part in parts) or len(os.fsencode(name)) > 3000:
+        raise _refusal(archive, f"{unsafe} (its name is too long for a file system)")
+    if not parts and member.kind != "folder":
+        raise _refusal(archive, f"{unsafe} (it has no name)")
+    return parts
+
+class _Layout:
+    "The files and folders an archive has created so far, to refuse a name used twice or a file used as a folder."
+    def __init__(self):
+        self.files = set()
+        self.folders = set()
+
+    def clash(self, parts: tuple, kind: str) -> str | None:
+        "Record a member; say why it clashes with an earlier one, or return None."
+        for depth in range(1, len(parts)):
+            if parts[:depth] in self.files:
+                return f"it would go inside {'/'.join(parts[:depth])!r}, which is a file"
+            self.folders.add(parts[:depth])
+        if parts in self.files or (kind == "file" and parts in self.folders):
+            return "an earlier member has the same name"
+        if kind == "file":
+            self.files.add(parts)
+        else:
+            self.folders.add(parts)
+        return None
+
+def _checked_parts(member: _Member, archive: Path, layout: _Layout) -> tuple[str, ...]:
+    "The member's path parts, after refusing links, devices, and names that escape or clash."
+    if member.kind not in ("file", "folder"):
+        target = f" to {member.link!r}" if member.link else ""
+        raise _refusal(archive, f"member {member.name!r} is unsafe (it is a {member.kind}{target}; coursekit "
+                                "extracts only plain files and folders)")
+    parts = _member_parts(member, archive)
+    clash = layout.clash(parts, member.kind)
+    if clash:
+        raise _refusal(archive, f"member {member.name!r} is unsafe ({clash})")
+    return parts
+
+def _too_much(archive: Path, amount: str, limits: _Limits) -> UnsafeArchiveError:
+    return _refusal(archive, f"it unpacks to {amount}, more than the limit of {limits.max_bytes:,} bytes for an "
+                             "archive of its size (a decompression bomb?); if you trust it, set "
+                             "COURSEKIT_MAX_UNPACKED_BYTES or pass max_bytes to allow more")
+
+def _checked_members(archive: Path, limits: _Limits) -> Iterator[tuple[_Member, tuple[str, ...], Callable]]:
+    "Each member with its path parts and data opener, once it has passed every check; the archive's limits too."
+    layout = _Layout()
+    count = 0
+    declared = 0
+    for member, open_data in _members(archive):
+        count += 1
+        if count > limits.max_members:
+            raise _refusal(archive, f"it has more than {limits.max_members:,} members, the limit for an archive "
+                                    "of its size; if you trust it, set COURSEKIT_MAX_ARCHIVE_MEMBERS or pass "
+                                    "max_members to allow more")
+        parts = _checked_parts(member, archive, layout)
+        declared += member.size
+        if declared > limits.max_bytes:
+            raise _too_much(archive, f"{declared:,} bytes or more", limits)
+        yield member, parts, open_data
+    if count == 0:
+        raise UnreadableArchiveError(archive, "it holds no files or folders at all")
+
+def _check_members(archive: Path, limits: _Limits):
+    "Read every member's header before anything is written, and refuse the archive if one check fails."
+    with _reading(archive):
+        for _ in _checked_members(archive, limits):
+            pass
+
+# %% ../../nbs/core/02_data_external.ipynb #a5b19a09
+def _place(root: Path, parts: tuple, archive: Path, name: str) -> Path:
+    "The path of a member under `root`, with its folders made; its folder's real path must be inside `root`."
+    target = root.joinpath(*parts)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not Path(os.path.realpath(target.parent)).is_relative_to(root):
+        raise _refusal(archive, f"member {name!r} is unsafe (it would be written outside the destination)")
+    return target
+
+def _write_file(source, target: Path, allowed: int, archive: Path, limits: _Limits) -> int:
+    "Copy `source` into the new file `target`, refusing past `allowed` bytes; return the bytes written."
+    written = 0
+    try:
+        out = open(target, "xb")
+    except FileExistsError as err:   # a file system that ignores case, or folds Unicode forms
+        raise _refusal(archive, f"member {target.name!r} clashes with another member on this file system") from err
+    with out:
+        while chunk := source.read(_CHUNK):
+            written += len(chunk)
+            if written > allowed:
+                raise _too_much(archive, "more bytes than its headers declare", limits)
+            out.write(chunk)
+    return written
+
+def _write_members(archive: Path, into: Path, limits: _Limits):
+    "Write every file and folder of `archive` under `into`, placing each by its real path and counting bytes."
+    root = Path(os.path.realpath(into))
+    written = 0
+    with _reading(archive):
+        for member, parts, open_data in _checked_members(archive, limits):
+            if not parts:
+                continue
+            target = _place(root, parts, archive, member.name)
+            if member.kind == "folder":
+                target.mkdir(exist_ok=True)
+                continue
+            with open_data() as source:
+                written += _write_file(source, target, limits.max_bytes - written, archive, limits)
+
+# %% ../../nbs/core/02_data_external.ipynb #436619b0
 def _content_root(folder: Path) -> Path:
     "The single top-level folder of an extracted archive, or the extraction folder itself."
     entries = list(folder.iterdir())
-    return entries[0] if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() else folder
+    return entries[0] if len(entries) == 1 and entries[0].is_dir() else folder
 
-def safe_extract(archive, dest) -> Path:
-    "Extract a .tgz/.tar.gz/.zip `archive` to `dest` after checking that every member stays inside; all or nothing."
-    archive, dest = Path(archive), Path(dest)
-    if dest.exists(): raise FileExistsError(f"{dest} already exists; remove it, or extract somewhere else.")
+def safe_extract(archive, dest, *, max_bytes: int | None = None, max_members: int | None = None) -> Path:
+    "Extract a .tgz/.tar.gz/.tar/.zip `archive` to `dest` after checking every member and the limits; all or nothing."
+    archive = Path(archive)
+    dest = Path(dest)
+    _strip_archive_suffix(archive.name)  # raises for a type we cannot extract
+    if dest.exists():
+        raise FileExistsError(f"{dest} already exists; remove it, or extract somewhere else.")
+    limits = _unpack_limits(archive.stat().st_size, max_bytes, max_members)
+    _check_members(archive, limits)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extracting-", dir=dest.parent))
     try:
-        _extract_checked(archive, tmp)
+        _write_members(archive, tmp, limits)
         root = _content_root(tmp)
-        if root == tmp: tmp.chmod(0o755)
+        if root == tmp:
+            tmp.chmod(0o755)
         os.rename(root, dest)
     finally:
-        if tmp.exists(): shutil.rmtree(tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #0c838646
+# %% ../../nbs/core/02_data_external.ipynb #6be7f841
 _STANDINS: dict[str, Callable[[Path], None]] = {}
 
 def register_standin(name_or_url, make_fn: Callable[[Path], None]):
@@ -367,7 +763,8 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
     "Generate (once) and return the stand-in folder for `entry`, with a warning every time."
     dest = root / f"{entry.folder}-standin"
     _warn_standin(entry, dest, reason)
-    if dest.is_dir(): return dest
+    if dest.is_dir():
+        return dest
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.generating-", dir=root))
     try:
@@ -377,52 +774,158 @@ def _make_standin(entry: CatalogueEntry, root: Path, reason: str) -> Path:
         tmp.chmod(0o755)
         os.rename(tmp, dest)
     finally:
-        if tmp.exists(): shutil.rmtree(tmp)
+        if tmp.exists():
+            shutil.rmtree(tmp)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #2acd4459
+# %% ../../nbs/core/02_data_external.ipynb #9b25527a
+def _holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "another process"
+    except OSError:
+        return "another process"
+
+def _same_file(fd: int, path: Path) -> bool:
+    "Whether the open file `fd` is still the file at `path` (a releasing holder deletes the lock file)."
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+def _acquire_lock(path: Path) -> int:
+    "Wait until this process holds the lock file `path`; return its descriptor."
+    told = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if not told:
+                print(f"Waiting for {_holder(path)}, which holds {path}...", file=sys.stderr)
+                told = True
+            time.sleep(0.2)
+            continue
+        if _same_file(fd, path):
+            os.ftruncate(fd, 0)
+            os.write(fd, f"process {os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+@contextlib.contextmanager
+def _dataset_lock(path: Path):
+    "Hold the lock file `path` inside a `with` block; it is deleted on the way out."
+    fd = _acquire_lock(path)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+# %% ../../nbs/core/02_data_external.ipynb #c541c3a2
+def _whole_file_pinned(entry: CatalogueEntry) -> bool:
+    return entry.sha256 is not None or entry.md5 is not None
+
+def _check_readable(archive: Path):
+    "Refuse an archive that does not list to its end, or that breaks the limits for its size."
+    _check_members(archive, _unpack_limits(archive.stat().st_size))
+
+def _cached_archive_usable(entry: CatalogueEntry, archive: Path) -> bool:
+    "Check an archive already in the data folder; one that cannot even be read is removed (and False returned)."
+    try:
+        verify_file(archive, **entry.expected)
+    except ChecksumError as err:
+        err.add_note(f"{archive} was already in the data folder and was left untouched: delete it or replace it "
+                     "with a good copy, or call untar_data(..., force_download=True).")
+        raise
+    if _whole_file_pinned(entry):
+        return True
+    try:
+        _check_readable(archive)
+    except UnreadableArchiveError as err:
+        print(f"{err}\nRemoving it and downloading {entry.url} again.", file=sys.stderr)
+        archive.unlink()
+        return False
+    return True
+
+def _download_archive(entry: CatalogueEntry, archive: Path):
+    "Download `entry`'s archive to `archive`, keeping it only if it passes every check."
+    if not any(entry.expected.values()):
+        print(f"Warning: nothing is pinned for {entry.url} ({entry.checksum_source}); the download is checked only "
+              "by reading the archive to its end.", file=sys.stderr)
+    check = None if _whole_file_pinned(entry) else _check_readable
+    try:
+        download_url(entry.url, archive, entry.size, entry.sha256, md5=entry.md5, md5_first_mib=entry.md5_first_mib,
+                     check=check)
+    except UnreadableArchiveError as err:
+        raise DownloadError(f"What {entry.url} sent is not a complete archive, so it was deleted: {err.reason}. "
+                            "Try again later, or check the address in a browser.") from err
+
 def _fetch_archive(entry: CatalogueEntry, archive: Path, force_download: bool):
     "Make sure `archive` holds a verified copy of `entry`'s archive, downloading it when needed."
-    if archive.is_file() and not force_download:
-        try: verify_file(archive, **entry.expected)
-        except ChecksumError as err:
-            err.add_note(f"{archive} was already in the data folder and was left untouched: delete it or replace it "
-                         "with a good copy, or call untar_data(..., force_download=True).")
-            raise
+    if archive.is_file() and not force_download and _cached_archive_usable(entry, archive):
         return
-    if not any(entry.expected.values()):
-        print(f"Warning: nothing is pinned for {entry.url} ({entry.checksum_source}); the download cannot be checked.",
-              file=sys.stderr)
-    download_url(entry.url, archive, entry.size, entry.sha256, md5=entry.md5, md5_first_mib=entry.md5_first_mib)
+    _download_archive(entry, archive)
+
+def _remove_leftovers(root: Path, entry: CatalogueEntry):
+    "Delete temporary files and folders that an interrupted fetch of `entry` left in `root` (we hold its lock)."
+    folders = tuple(f".{entry.folder}{infix}" for infix in (".extracting-", ".new-", ".old-", "-standin.generating-"))
+    for path in root.iterdir():
+        if path.name.startswith(f"{entry.archive_name}.") and path.name.endswith(".part") and path.is_file():
+            path.unlink()
+        elif path.name.startswith(folders) and path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
 
 def _extract_replacing(archive: Path, dest: Path):
     "Extract `archive` to `dest`, swapping out an older `dest` only once the new one is complete."
     if not dest.exists():
-        safe_extract(archive, dest); return
+        safe_extract(archive, dest)
+        return
     new = safe_extract(archive, dest.with_name(f".{dest.name}.new-{os.getpid()}"))
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-    os.rename(dest, old); os.rename(new, dest)
+    os.rename(dest, old)
+    os.rename(new, dest)
     shutil.rmtree(old)
 
-def untar_data(name_or_url, force_download: bool = False) -> Path:
-    "A dataset's folder: in the mirror, else in the data folder, else downloaded, checked and safely extracted there."
-    entry = catalogue_entry(name_or_url)
-    mirrored = mirror_folder(entry)
-    if mirrored is not None: return mirrored
-    root = data_folder()
-    dest, archive = root / entry.folder, root / entry.archive_name
-    if dest.is_dir() and not force_download: return dest
+def _fetch_and_extract(entry: CatalogueEntry, root: Path, force_download: bool) -> Path:
+    "Download (or reuse) `entry`'s archive in `root` and extract it; run while holding the dataset's lock."
+    dest = root / entry.folder
+    if dest.is_dir() and not force_download:
+        return dest    # made by another process while we waited for the lock
+    if dest.exists() and not dest.is_dir():
+        raise FileExistsError(f"{dest} is in the way: it should be the folder of {entry.name}, but it is a file. "
+                              "Move it elsewhere, then try again.")
+    _remove_leftovers(root, entry)
+    archive = root / entry.archive_name
     try:
         _fetch_archive(entry, archive, force_download)
     except DownloadError as err:
-        if _standin_allowed(entry): return _make_standin(entry, root, str(err))
+        if _standin_allowed(entry):
+            return _make_standin(entry, root, str(err))
         err.add_note(f"To use {entry.name} offline: set COURSEKIT_MIRROR to a folder that contains '{entry.folder}/', "
                      f"or put '{entry.archive_name}' in {root}.")
         raise
     _extract_replacing(archive, dest)
     return dest
 
-# %% ../../nbs/core/02_data_external.ipynb #6a8c0a5a
+def untar_data(name_or_url, force_download: bool = False) -> Path:
+    "A dataset's folder: in the mirror, else in the data folder, else downloaded, checked and safely extracted there."
+    entry = catalogue_entry(name_or_url)
+    mirrored = mirror_folder(entry)
+    if mirrored is not None:
+        return mirrored
+    root = data_folder()
+    dest = root / entry.folder
+    if dest.is_dir() and not force_download:
+        return dest
+    if root.exists() and not root.is_dir():
+        raise NotADirectoryError(f"The data folder {root} is a file, not a folder. Set COURSEKIT_DATA to a folder "
+                                 "where datasets can be downloaded.")
+    root.mkdir(parents=True, exist_ok=True)
+    with _dataset_lock(root / f".{entry.folder}.lock"):
+        return _fetch_and_extract(entry, root, force_download)
+
+# %% ../../nbs/core/02_data_external.ipynb #f05e58dd
 def _hash_prefix_ok(path: Path) -> bool:
     "Whether `path`'s SHA-256 starts with the hex prefix torch.hub names it by (true when it has none)."
     match = re.search(torch.hub.HASH_REGEX, path.name)
@@ -430,14 +933,18 @@ def _hash_prefix_ok(path: Path) -> bool:
 
 def seed_weights_cache(filename: str) -> bool:
     "Copy `$COURSEKIT_MIRROR/weights/<filename>` into torch's hub cache; True when the cache now holds it."
-    mirror = os.environ.get("COURSEKIT_MIRROR")
-    src = Path(mirror).expanduser() / "weights" / filename if mirror else None
-    if src is None or not src.is_file(): return False
+    if not _is_plain_name(filename):
+        raise ValueError(f"{filename!r} is not a plain file name (no folders, no leading '.'), as a weights file's is.")
+    mirror = _mirror_root()
+    src = mirror / "weights" / filename if mirror is not None else None
+    if src is None or not src.is_file():
+        return False
     if not _hash_prefix_ok(src):
         raise ChecksumError(f"{src}: its SHA-256 ({file_hashes(src)['sha256']}) does not start with the prefix in its "
                             "name; the mirror's copy is damaged. Replace it with a good copy.")
     dst = Path(torch.hub.get_dir()) / "checkpoints" / filename
-    if dst.is_file() and dst.stat().st_size == src.stat().st_size and _hash_prefix_ok(dst): return True
+    if dst.is_file() and dst.stat().st_size == src.stat().st_size and _hash_prefix_ok(dst):
+        return True
     dst.parent.mkdir(parents=True, exist_ok=True)
     part = dst.with_name(dst.name + ".part")
     shutil.copyfile(src, part)

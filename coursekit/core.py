@@ -7,8 +7,15 @@ __all__ = ['EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'fr
            'Timer', 'atomic_write', 'in_notebook', 'display_or_print', 'is_quick', 'record_metrics', 'exportable',
            'exportable_spec', 'build_exportable']
 
-# %% ../nbs/core/00_core.ipynb #30de31a9
-import gc, importlib, json, os, random, re, time, uuid
+# %% ../nbs/core/00_core.ipynb #02d1bab5
+import gc
+import importlib
+import json
+import os
+import random
+import re
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -16,47 +23,55 @@ import torch
 from IPython import get_ipython
 from IPython.display import display
 
-# %% ../nbs/core/00_core.ipynb #f010f37d
+# %% ../nbs/core/00_core.ipynb #0785210c
 def default_device() -> torch.device:
     "The best device available: cuda, then mps, then cpu."
-    if torch.cuda.is_available(): return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(): return torch.device("mps")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/core/00_core.ipynb #c4906d89
+# %% ../nbs/core/00_core.ipynb #ef468919
 def to_device(batch, device=None):
     "Move a tensor, or a tuple/list/dict of them, to `device` (default: `default_device()`)."
     device = torch.device(device) if device is not None else default_device()
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=device.type == "cuda")
-    if isinstance(batch, (list, tuple)): return type(batch)(to_device(b, device) for b in batch)
-    if isinstance(batch, dict): return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(part, device) for part in batch)
+    if isinstance(batch, dict):
+        return {key: to_device(value, device) for key, value in batch.items()}
     return batch
 
-# %% ../nbs/core/00_core.ipynb #7ec22021
+# %% ../nbs/core/00_core.ipynb #c8220b5e
 def gpu_memory_report(device=None) -> dict:
     "Memory in use on a CUDA device, in MiB: allocated by tensors, reserved by the cache, and the peak."
     device = torch.device(device) if device is not None else default_device()
-    if device.type != "cuda": return {"device": str(device), "allocated_mib": 0.0, "reserved_mib": 0.0, "peak_mib": 0.0}
+    if device.type != "cuda":
+        return {"device": str(device), "allocated_mib": 0.0, "reserved_mib": 0.0, "peak_mib": 0.0}
     mib = 2**20
     return {"device": torch.cuda.get_device_name(device),
             "allocated_mib": torch.cuda.memory_allocated(device) / mib,
             "reserved_mib": torch.cuda.memory_reserved(device) / mib,
             "peak_mib": torch.cuda.max_memory_allocated(device) / mib}
 
-# %% ../nbs/core/00_core.ipynb #c9998d2c
+# %% ../nbs/core/00_core.ipynb #5053cc9a
 def free_gpu_memory():
     "Collect unreachable Python objects and give cached GPU memory back; returns the report afterwards."
     gc.collect()
-    if torch.cuda.is_available(): torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return gpu_memory_report()
 
-# %% ../nbs/core/00_core.ipynb #b6427143
+# %% ../nbs/core/00_core.ipynb #af2cfbf3
 def set_seed(seed: int = 42):
     "Seed Python, NumPy and PyTorch (every device) so that a run can be repeated."
-    random.seed(seed); np.random.seed(seed); torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
-# %% ../nbs/core/00_core.ipynb #d5671139
+# %% ../nbs/core/00_core.ipynb #4369a52d
 def set_cpu_threads(n: int | None = None) -> int:
     "Use `n` threads for PyTorch's CPU kernels (default: every core this process may use); returns n."
     if n is None:
@@ -64,33 +79,40 @@ def set_cpu_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/core/00_core.ipynb #a874b5c8
+# %% ../nbs/core/00_core.ipynb #7ee47da3
 class Timer:
     "Context manager measuring wall-clock seconds: `with Timer() as t: ...`, then `t.seconds`."
     def __enter__(self):
-        self.start, self.seconds = time.perf_counter(), 0.0
+        self.start = time.perf_counter()
+        self.seconds = 0.0
         return self
-    def __exit__(self, *exc): self.seconds = time.perf_counter() - self.start
 
-# %% ../nbs/core/00_core.ipynb #dc6fa80b
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+# %% ../nbs/core/00_core.ipynb #3db82497
 def atomic_write(file, write) -> Path:
     "Call `write(f)` on a binary temporary file beside `file`, then rename it to `file` in one step; returns `file`."
-    file = Path(file); file.parent.mkdir(parents=True, exist_ok=True)
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
     old_mode = file.stat().st_mode & 0o7777 if file.is_file() else None
     tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:12]}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
-            if old_mode is not None: os.chmod(tmp, old_mode)   # a replaced file keeps its permissions
+            if old_mode is not None:
+                os.chmod(tmp, old_mode)  # a replaced file keeps its permissions
             write(f)
-            f.flush(); os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename, so a crash cannot leave an empty file
         os.replace(tmp, file)
     except BaseException:
-        if os.path.exists(tmp): os.remove(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
     return file
 
-# %% ../nbs/core/00_core.ipynb #19985e60
+# %% ../nbs/core/00_core.ipynb #7e651d7c
 def in_notebook() -> bool:
     "True inside a Jupyter kernel (where widgets and HTML display work), False in a terminal, script or test."
     shell = get_ipython()
@@ -103,23 +125,23 @@ def display_or_print(obj):
     else:
         print(obj)
 
-# %% ../nbs/core/00_core.ipynb #54aeef6f
+# %% ../nbs/core/00_core.ipynb #31e60a7e
 def is_quick() -> bool:
     "True when lessons should run in quick mode (`COURSEKIT_QUICK` set to 1/true/yes)."
     return os.environ.get("COURSEKIT_QUICK", "").strip().lower() in ("1", "true", "yes")
 
-# %% ../nbs/core/00_core.ipynb #fb46e006
-def _as_number(v):
+# %% ../nbs/core/00_core.ipynb #67920015
+def _as_number(value):
     "A JSON-friendly number from a Python/NumPy number or a one-element tensor."
-    if isinstance(v, torch.Tensor): v = v.item()
-    if isinstance(v, np.generic): v = v.item()
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        raise TypeError(f"record_metrics takes numbers, got {type(v).__name__}: {v!r}")
-    return v
+    if isinstance(value, (torch.Tensor, np.generic)):
+        value = value.item()
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"record_metrics takes numbers, got {type(value).__name__}: {value!r}")
+    return value
 
 def record_metrics(**metrics) -> dict:
     "Record a lesson's headline figures (numbers); merged into `$COURSEKIT_METRICS_FILE` when it is set."
-    values = {k: _as_number(v) for k, v in metrics.items()}
+    values = {name: _as_number(value) for name, value in metrics.items()}
     fname = os.environ.get("COURSEKIT_METRICS_FILE")
     if fname:
         path = Path(fname)
@@ -128,7 +150,7 @@ def record_metrics(**metrics) -> dict:
         atomic_write(path, lambda f: f.write(json.dumps(current, indent=1).encode()))
     return values
 
-# %% ../nbs/core/00_core.ipynb #652347fe
+# %% ../nbs/core/00_core.ipynb #0c71f909
 EXPORTABLE: dict = {}
 
 def exportable(fn):
@@ -139,7 +161,8 @@ def exportable(fn):
 def exportable_spec(fn, **kwargs) -> dict:
     "The JSON-able description that `build_exportable` turns back into `fn(**kwargs)`."
     key = f"{fn.__module__}:{fn.__qualname__}"
-    if key not in EXPORTABLE: raise ValueError(f"{key} is not registered: decorate it with @exportable")
+    if key not in EXPORTABLE:
+        raise ValueError(f"{key} is not registered: decorate it with @exportable")
     json.dumps(kwargs)  # fail now, with the offending value, rather than at export time
     return {"builder": key, "kwargs": kwargs}
 
@@ -153,16 +176,19 @@ def _registered_builder(key):
         raise ValueError(f"Refusing to build {key!r}: exports may only name builders in coursekit's own modules "
                          "('coursekit.module:name').")
     if key not in EXPORTABLE:
-        try: importlib.import_module(module)  # registers its builders; the name cannot leave the coursekit package
+        try:
+            importlib.import_module(module)  # registers its builders; the name cannot leave the coursekit package
         except ModuleNotFoundError as err:
-            if err.name is None or not (module + ".").startswith(err.name + "."): raise  # a missing dependency
+            if err.name is None or not (module + ".").startswith(err.name + "."):
+                raise  # a missing dependency
             raise ValueError(f"{key!r} is not a registered builder: coursekit has no module {module}.") from err
     if key not in EXPORTABLE:
         raise ValueError(f"{key!r} is not a registered builder (is this export from a newer coursekit?).")
     fn = EXPORTABLE[key]
     if "." in qualname and not isinstance(fn, type):  # a classmethod: bind it to its class
         owner = importlib.import_module(module)
-        for part in qualname.split(".")[:-1]: owner = getattr(owner, part)
+        for part in qualname.split(".")[:-1]:
+            owner = getattr(owner, part)
         fn = getattr(owner, qualname.split(".")[-1])
     return fn
 

@@ -12,7 +12,7 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'PRECISION_SETTERS', 'CancelBatch
            'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'Learner',
            'load_learner', 'simple_mlp', 'accuracy', 'error_rate', 'AvgMetric', 'AccumMetric']
 
-# %% ../nbs/core/06_learner.ipynb #45a1c93c
+# %% ../nbs/core/06_learner.ipynb #fca2880c
 import copy
 import math
 import time
@@ -28,16 +28,16 @@ from IPython.display import HTML, display
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import default_device, exportable, in_notebook
+from .core import default_device, defer_interrupt, exportable, in_notebook
 from .metrics import AccumMetric, AvgMetric, accuracy, error_rate, items_in_batch, weighted_mean
-from .persist import (check_weights_fit, load_optimizer_state, read_checkpoint, read_export, save_checkpoint,
-                               write_export)
+from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_state, read_checkpoint, read_export,
+                               save_checkpoint, write_export)
 from .schedule import one_cycle_schedules, sched_exp
 
-# %% ../nbs/core/06_learner.ipynb #d8f1cb43
+# %% ../nbs/core/06_learner.ipynb #f823c62c
 _all_ = ["accuracy", "error_rate", "AvgMetric", "AccumMetric"]
 
-# %% ../nbs/core/06_learner.ipynb #289921c2
+# %% ../nbs/core/06_learner.ipynb #b196b625
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
           "before_backward", "after_backward", "before_step", "after_step", "after_batch", "after_train",
           "before_validate", "after_validate", "after_epoch", "after_fit")
@@ -51,7 +51,7 @@ class CancelEpochException(Exception):
 class CancelFitException(Exception):
     "Raised by a callback to stop training (`after_fit` still runs)."
 
-# %% ../nbs/core/06_learner.ipynb #7f99cc55
+# %% ../nbs/core/06_learner.ipynb #dafa5c21
 class Callback:
     "Base class for callbacks: override the events you need; each receives the learner. Lower `order` runs first."
     order = 0
@@ -104,7 +104,7 @@ class Callback:
     def after_fit(self, learn):
         "Once, at the end of training, even after an error or an interruption."
 
-# %% ../nbs/core/06_learner.ipynb #8dbbcdae
+# %% ../nbs/core/06_learner.ipynb #b1ca9dd0
 def trainable_params(model: nn.Module) -> list:
     "The default splitter: one group with every parameter that requires a gradient."
     return [[param for param in model.parameters() if param.requires_grad]]
@@ -118,7 +118,7 @@ def param_groups(splitter, model: nn.Module) -> list:
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-# %% ../nbs/core/06_learner.ipynb #7a062817
+# %% ../nbs/core/06_learner.ipynb #7812a35e
 def lrs_for_groups(lr, n_groups: int) -> np.ndarray:
     "One learning rate per parameter group from a number, a list, `slice(lo, hi)` or `slice(hi)`."
     if isinstance(lr, slice):
@@ -134,7 +134,7 @@ def lrs_for_groups(lr, n_groups: int) -> np.ndarray:
         raise ValueError(f"Got {len(lrs)} learning rates for {n_groups} parameter groups: give one, {n_groups}, or a slice.")
     return lrs
 
-# %% ../nbs/core/06_learner.ipynb #76182039
+# %% ../nbs/core/06_learner.ipynb #f68e3d78
 def group_momentum(group: dict) -> float:
     "The momentum of a parameter group: Adam's beta1, or SGD's momentum."
     if "betas" in group:
@@ -155,7 +155,7 @@ def set_opt_hyper(opt: torch.optim.Optimizer, name: str, value):
         elif "momentum" in group:
             group["momentum"] = group_value
 
-# %% ../nbs/core/06_learner.ipynb #e5425cc4
+# %% ../nbs/core/06_learner.ipynb #6729aad9
 def decayed_params(groups: list) -> list:
     "For each parameter group, the parameters weight decay applies to: those with more than one dimension."
     return [[param for param in group if param.ndim > 1] for group in groups]
@@ -168,7 +168,7 @@ def decay_weights(opt: torch.optim.Optimizer, decayed: list):
             with torch.no_grad():
                 torch._foreach_mul_(with_grad, 1 - group["lr"] * group["wd"])
 
-# %% ../nbs/core/06_learner.ipynb #3b0b9739
+# %% ../nbs/core/06_learner.ipynb #c97222b4
 def freeze_groups(model: nn.Module, groups: list, n_frozen: int, train_bn: bool):
     "Freeze the parameters of the first `n_frozen` groups and unfreeze the others (batchnorm stays trainable with `train_bn`)."
     batchnorm = set()
@@ -184,7 +184,7 @@ def hold_frozen_bn(model: nn.Module):
         if isinstance(module, BN_TYPES) and not any(param.requires_grad for param in module.parameters()):
             module.eval()
 
-# %% ../nbs/core/06_learner.ipynb #b84c72fa
+# %% ../nbs/core/06_learner.ipynb #6702287c
 AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
@@ -197,7 +197,7 @@ def autocast_context(precision: str, device: torch.device):
         return nullcontext()
     return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
 
-# %% ../nbs/core/06_learner.ipynb #749297d9
+# %% ../nbs/core/06_learner.ipynb #3e048216
 class Recorder(Callback):
     "Keeps the losses, learning rates and momentums of each batch and the losses and metrics of each epoch."
     order = 50
@@ -303,7 +303,7 @@ class Recorder(Callback):
             ax.set_xlabel("batch")
         return axs
 
-# %% ../nbs/core/06_learner.ipynb #5026aef0
+# %% ../nbs/core/06_learner.ipynb #766f6f8a
 def _format_time(seconds: float) -> str:
     "Minutes and seconds, `mm:ss`."
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
@@ -389,7 +389,7 @@ class ProgressCallback(Callback):
             self.bar.close()
             self.bar = None
 
-# %% ../nbs/core/06_learner.ipynb #4e5e035c
+# %% ../nbs/core/06_learner.ipynb #aeee6d62
 class ParamScheduler(Callback):
     "Before each training batch, sets hyper-parameters (`'lr'`, `'mom'`, `'wd'`) from functions of `learn.pct_train`."
     order = 10
@@ -403,7 +403,7 @@ class ParamScheduler(Callback):
         for name, schedule in self.scheds.items():
             learn.set_hyper(name, schedule(learn.pct_train))
 
-# %% ../nbs/core/06_learner.ipynb #41673023
+# %% ../nbs/core/06_learner.ipynb #b67efc2e
 def minimum(lrs, losses):
     "Suggestion: a tenth of the learning rate with the lowest loss; returns `(lr, point to mark)`."
     index = int(np.argmin(losses))
@@ -432,7 +432,7 @@ def valley(lrs, losses):
     index = best_start + (best_length * 2) // 3
     return lrs[index], (lrs[index], losses[index])
 
-# %% ../nbs/core/06_learner.ipynb #444bcae4
+# %% ../nbs/core/06_learner.ipynb #88238f7a
 class LRFinder(Callback):
     "Exponentially increasing learning rate for `num_it` batches, recording the loss; restores the learner after."
     order = 10
@@ -507,7 +507,7 @@ class LRFinder(Callback):
         ax.legend()
         return ax
 
-# %% ../nbs/core/06_learner.ipynb #5e2c0373
+# %% ../nbs/core/06_learner.ipynb #bd8ac899
 def run_validation(learn, dl, collect=None):
     "The validation part of the loop: `learn.one_batch` on each batch of `dl` in eval mode without gradients."
     learn.training = False
@@ -524,7 +524,7 @@ def run_validation(learn, dl, collect=None):
     for cb in learn.cbs:
         cb.after_validate(learn)
 
-# %% ../nbs/core/06_learner.ipynb #614c3867
+# %% ../nbs/core/06_learner.ipynb #141911e3
 class CallbacksMixin:
     "A learner's callbacks `self.cbs`, sorted by `order`: `add_cb`, `remove_cb`, `no_bar`, `show_loop`."
     def add_cb(self, cb: Callback) -> Callback:
@@ -556,7 +556,7 @@ class CallbacksMixin:
             acting = [type(cb).__name__ for cb in self.cbs if getattr(type(cb), event) is not getattr(Callback, event)]
             print(f"{event:<16} {', '.join(acting) or '-'}")
 
-# %% ../nbs/core/06_learner.ipynb #da99eb2c
+# %% ../nbs/core/06_learner.ipynb #c1d29745
 class ParamGroupsMixin:
     "The optimizer and its parameter groups: `create_opt`, `group_lrs`, `set_hyper`, `freeze_to`, `freeze`, `unfreeze`."
     def create_opt(self):
@@ -592,7 +592,7 @@ class ParamGroupsMixin:
         "Make every parameter group trainable."
         self.freeze_to(0)
 
-# %% ../nbs/core/06_learner.ipynb #be7d2c85
+# %% ../nbs/core/06_learner.ipynb #175c8d9e
 class PrecisionMixin:
     "Mixed precision: `to_fp16()`, `to_bf16()`, `to_fp32()` and the `autocast()` context the loop runs in."
     def autocast(self):
@@ -620,7 +620,7 @@ class PrecisionMixin:
         self.scaler = grad_scaler(precision, self.device)
         return self
 
-# %% ../nbs/core/06_learner.ipynb #6c314359
+# %% ../nbs/core/06_learner.ipynb #e51af87b
 def activate_preds(loss_func, preds):
     "The loss's `activation` of raw model outputs (e.g. a softmax), or the outputs as they are."
     activation = getattr(loss_func, "activation", None)
@@ -703,7 +703,7 @@ class PredictionMixin:
         decoded = decode_preds(self.loss_func, activate_preds(self.loss_func, preds))
         return self.dls.show_results(batch, decoded, max_n=max_n)
 
-# %% ../nbs/core/06_learner.ipynb #e7d5c5b6
+# %% ../nbs/core/06_learner.ipynb #fec197ec
 class PersistenceMixin:
     "Files: `save`/`load` a checkpoint in `path/model_dir`, `export` for inference (formats in `coursekit.persist`)."
     def save(self, name: str, with_opt: bool = True) -> Path:
@@ -727,7 +727,7 @@ class PersistenceMixin:
         "Write model weights, model spec, data spec and loss to a zip at `path/fname`, atomically (see `load_learner`)."
         return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
 
-# %% ../nbs/core/06_learner.ipynb #cfeb652d
+# %% ../nbs/core/06_learner.ipynb #483f848a
 class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin):
     "Trains `model` on `dls` with `loss_func`: the training loop and its callbacks, and the recipes built on it."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
@@ -858,9 +858,10 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
                         nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
                     for cb in self.cbs:
                         cb.before_step(self)
-                    decay_weights(self.opt, self._decayed)
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
+                    with defer_interrupt():  # Ctrl-C waits for the step to finish: every group steps, or none
+                        decay_weights(self.opt, self._decayed)
+                        self.scaler.step(self.opt)
+                        self.scaler.update()
                     for cb in self.cbs:
                         cb.after_step(self)
                     self.opt.zero_grad(set_to_none=True)
@@ -901,19 +902,19 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         self.lr_finder = finder
         return finder.suggestions(suggest_funcs)[0]
 
-# %% ../nbs/core/06_learner.ipynb #5d0dc117
+# %% ../nbs/core/06_learner.ipynb #1c625b08
 PRECISION_SETTERS = {"fp32": Learner.to_fp32, "fp16": Learner.to_fp16, "bf16": Learner.to_bf16}
 
-def load_learner(fname, device=None) -> Learner:
+def load_learner(fname, device=None, max_params: int = DEFAULT_MAX_PARAMS) -> Learner:
     "A learner for inference from `Learner.export`'s file, on `device` (default: the best available)."
-    contents = read_export(fname)
+    contents = read_export(fname, max_params=max_params)
     dls = contents.dls.to(device if device is not None else default_device())
     learn = Learner(dls, contents.model, loss_func=contents.loss_func)
     learn.model_spec = contents.model_spec
     PRECISION_SETTERS[contents.precision](learn)
     return learn
 
-# %% ../nbs/core/06_learner.ipynb #678e787f
+# %% ../nbs/core/06_learner.ipynb #514e94a4
 @exportable
 def simple_mlp(n_in: int, n_out: int, hidden: list = (32,), bn: bool = False) -> nn.Sequential:
     "A multi-layer perceptron: Linear (+ BatchNorm) + ReLU for each hidden size, then a Linear to `n_out`."

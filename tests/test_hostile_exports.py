@@ -321,6 +321,20 @@ def test_a_save_removes_what_killed_saves_left_behind(tmp_path):
     assert sorted(path.name for path in target.parent.iterdir()) == ["stage.pth"]
 
 
+def test_killed_saves_one_after_another_never_pile_up(tmp_path):
+    """Five saves of one file killed one after the other (a notebook interrupted again and again): each new
+    save removes the previous one's leftover, so at most one is ever on disk, and none after a save completes."""
+    learn = make_learner(tmp_path)
+    target = learn.save("stage")
+    for _ in range(5):
+        writer = start_writer(target)
+        writer.kill()
+        writer.wait()
+        assert len(temporaries(target.parent)) <= 1
+    learn.save("stage")
+    assert temporaries(target.parent) == []
+
+
 def test_leftover_cleaning_spares_live_writers_other_targets_and_user_files(tmp_path):
     """Only stale temporaries of coursekit's own naming, for the file being written: a save running in
     another process, another file's leftovers and a user's look-alike files are all left alone."""

@@ -7,14 +7,17 @@ with the same data and budget (one epoch, lr 1e-2): one from the language model'
 weights. Prints the test accuracy of each on the 5,000 test reviews, and the range over the seeds.
 About 2 minutes per seed plus 4 for the language model on 2 CPU cores.
 """
-import argparse, os, tempfile, time
+import argparse
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from coursekit.core import set_seed
-from coursekit.learner import accuracy
+from coursekit.metrics import accuracy
 from coursekit.text.data import TextDataLoaders
 from coursekit.text.learner import TextLearner, language_model_learner, text_classifier_learner
 

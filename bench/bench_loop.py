@@ -29,12 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from coursekit.core import default_device
-from coursekit.learner import Learner, accuracy
+from coursekit.learner import Learner
+from coursekit.metrics import accuracy
 
 
 def make_model(kind: str) -> nn.Module:
     "A small CNN (or one linear layer) for 1x28x28 inputs and 10 classes."
-    if kind == "linear": return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    if kind == "linear":
+        return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
     return nn.Sequential(nn.Conv2d(1, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
 
@@ -83,7 +85,8 @@ def learner_loop(model, train, valid, epochs: int, lr: float, device) -> float:
     dls = SimpleNamespace(train=train, valid=valid, device=device, n_inp=1)  # pre-made batches, as above
     learn = Learner(dls, model, loss_func=F.cross_entropy, lr=lr, metrics=accuracy)
     start = clock(device)
-    with contextlib.redirect_stdout(io.StringIO()): learn.fit(epochs)
+    with contextlib.redirect_stdout(io.StringIO()):
+        learn.fit(epochs)
     return clock(device) - start
 
 
@@ -106,9 +109,11 @@ def main():
     for repeat in range(args.repeats + 1):  # the first round warms up (imports, allocator) and is dropped
         order = (("bare", bare_loop), ("coursekit", learner_loop))
         for name, loop in order if repeat % 2 else order[::-1]:
-            model = make_model(args.model).to(device); model.load_state_dict(init)
+            model = make_model(args.model).to(device)
+            model.load_state_dict(init)
             t = loop(model, train, valid, args.epochs, 1e-3, device)
-            if repeat: times[name].append(t)
+            if repeat:
+                times[name].append(t)
     bare, ours = statistics.median(times["bare"]), statistics.median(times["coursekit"])
     n_batches = args.epochs * (len(train) + len(valid))
     print(f"model={args.model} device={device} threads={args.threads} epochs={args.epochs} "

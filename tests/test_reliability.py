@@ -58,7 +58,8 @@ def make_learner(path, cbs=(), lr: float = 1e-2) -> Learner:
 
 
 def quiet_fit(learn: Learner, n_epoch: int = 1, **kwargs):
-    with learn.no_bar(): learn.fit(n_epoch, **kwargs)
+    with learn.no_bar():
+        learn.fit(n_epoch, **kwargs)
 
 
 def weights(learn: Learner) -> dict:
@@ -67,7 +68,8 @@ def weights(learn: Learner) -> dict:
 
 def assert_same_weights(a: dict, b: dict):
     assert a.keys() == b.keys()
-    for k in a: assert torch.equal(a[k], b[k]), f"parameter {k} differs"
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"parameter {k} differs"
 
 
 INPUTS = torch.tensor([[0.5, -2.0, 1.0], [3.0, 1.0, -1.0], [-1.0, -1.0, 2.0], [0.1, 0.2, 0.3]])
@@ -99,13 +101,16 @@ class _Audit:
 
     @classmethod
     def hook(cls, event, args):
-        if cls.active and event in cls.DANGEROUS: cls.seen.append((event, repr(args)[:200]))
+        if cls.active and event in cls.DANGEROUS:
+            cls.seen.append((event, repr(args)[:200]))
 
 
 @pytest.fixture
 def no_code_runs():
     "Fails the test if, while it runs, anything is unpickled or a process is started."
-    if not _Audit.installed: sys.addaudithook(_Audit.hook); _Audit.installed = True
+    if not _Audit.installed:
+        sys.addaudithook(_Audit.hook)
+        _Audit.installed = True
     _Audit.seen, _Audit.active = [], True
     yield _Audit
     _Audit.active = False
@@ -126,20 +131,23 @@ def exported(tmp_path_factory) -> Exported:
     learn = make_learner(folder)
     quiet_fit(learn, 2)
     file = learn.export()
-    with zipfile.ZipFile(file) as z: members = {n: z.read(n) for n in z.namelist()}
+    with zipfile.ZipFile(file) as z:
+        members = {n: z.read(n) for n in z.namelist()}
     assert sorted(members) == sorted(MEMBERS)
     return Exported((file, members, predictions(learn)))
 
 
 def write_zip(file: Path, members: dict) -> Path:
     with zipfile.ZipFile(file, "w", zipfile.ZIP_DEFLATED) as z:
-        for name, data in members.items(): z.writestr(name, data)
+        for name, data in members.items():
+            z.writestr(name, data)
     return file
 
 
 def load_error(file: Path) -> BaseException:
     "The exception `load_learner(file)` raises; fails the test if it loads."
-    try: learn = load_learner(file, device="cpu")
+    try:
+        learn = load_learner(file, device="cpu")
     except BaseException as e:  # noqa: BLE001 - a Rust panic or KeyboardInterrupt must be reported, not crash pytest
         return e
     pytest.fail(f"load_learner accepted {file.name}, got a learner with model {type(learn.model).__name__}")
@@ -156,7 +164,8 @@ def assert_clear_load_error(exc: BaseException, file: Path, *details: str):
         f"load_learner({file.name}) raised {type(exc).__module__}.{type(exc).__qualname__}: {exc!r}"
     text = message(exc)
     assert text.strip(), f"{type(exc).__name__} without a message"
-    for d in details: assert d in text, f"the error does not mention {d!r}: {text!r}"
+    for d in details:
+        assert d in text, f"the error does not mention {d!r}: {text!r}"
 
 
 # === 1. atomic saves and exports ==========================================================
@@ -178,12 +187,16 @@ def test_save_crash_keeps_previous_checkpoint(tmp_path, monkeypatch, crash):
     def half_save(obj, f, *args, **kwargs):
         "Write half of the real checkpoint, check the target is untouched meanwhile, then crash."
         buf = tempfile.TemporaryFile()
-        real_save(obj, buf); buf.seek(0); data = buf.read()
-        f.write(data[:len(data) // 2]); f.flush()
+        real_save(obj, buf)
+        buf.seek(0)
+        data = buf.read()
+        f.write(data[:len(data) // 2])
+        f.flush()
         seen_target.append(file.read_bytes())
         raise crash()
     monkeypatch.setattr(torch, "save", half_save)
-    with pytest.raises(crash): learn.save("stage")
+    with pytest.raises(crash):
+        learn.save("stage")
     monkeypatch.undo()
 
     assert seen_target == [saved_bytes], "save wrote into the checkpoint itself, not into a temporary file"
@@ -195,9 +208,12 @@ def test_save_crash_keeps_previous_checkpoint(tmp_path, monkeypatch, crash):
 
 def test_first_save_crash_leaves_nothing(tmp_path, monkeypatch):
     learn = make_learner(tmp_path)
-    def crash(obj, f, *args, **kwargs): f.write(b"PK\x03\x04 partial"); raise DiskFull()
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 partial")
+        raise DiskFull()
     monkeypatch.setattr(torch, "save", crash)
-    with pytest.raises(DiskFull): learn.save("first")
+    with pytest.raises(DiskFull):
+        learn.save("first")
     assert files_in(tmp_path / "models") == [], "a half-written or temporary file was left behind"
 
 
@@ -218,7 +234,8 @@ def test_export_crash_keeps_previous_export(tmp_path, monkeypatch, crash):
             raise crash()
         return real_writestr(self, name, data, *args, **kwargs)
     monkeypatch.setattr(zipfile.ZipFile, "writestr", writestr_then_crash)
-    with pytest.raises(crash): learn.export("model.ck")
+    with pytest.raises(crash):
+        learn.export("model.ck")
     monkeypatch.undo()
 
     assert len(calls) == 2, f"the simulated crash did not happen mid-export: {calls}"
@@ -235,7 +252,8 @@ def test_failed_rename_keeps_previous_file(tmp_path, monkeypatch):
     old_bytes = file.read_bytes()
     def refuse(src, dst): raise PermissionError(errno.EACCES, "Permission denied (simulated)", str(dst))
     monkeypatch.setattr(os, "replace", refuse)
-    with pytest.raises(PermissionError): learn.export("model.ck")
+    with pytest.raises(PermissionError):
+        learn.export("model.ck")
     monkeypatch.undo()
     assert file.read_bytes() == old_bytes and files_in(tmp_path) == ["model.ck"]
 
@@ -248,7 +266,8 @@ def test_written_files_get_the_usual_permissions(tmp_path, kind):
     learn = make_learner(tmp_path)
     file = learn.save("stage") if kind == "save" else learn.export()
     plain = tmp_path / "plain.bin"
-    with open(plain, "wb") as f: f.write(b"x")
+    with open(plain, "wb") as f:
+        f.write(b"x")
     assert oct(file.stat().st_mode & 0o777) == oct(plain.stat().st_mode & 0o777)
 
 
@@ -285,7 +304,8 @@ def test_refuses_unexpected_members(tmp_path, exported, no_code_runs, extra):
     folder is a sign of tampering and must be refused, naming the member (and nothing is run or written)."""
     _, members, _ = exported
     extra = extra.replace("ABSOLUTE", str(tmp_path))  # an absolute name, pointing into this test's folder
-    folder = tmp_path / "a" / "b"; folder.mkdir(parents=True)
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
     marker = tmp_path / "executed"
     file = write_zip(folder / "tampered.ck", {**members, extra: pickle.dumps(Payload(marker))})
     assert extra in zipfile.ZipFile(file).namelist()
@@ -301,7 +321,9 @@ def test_refuses_a_pickle_in_place_of_a_member(tmp_path, exported, no_code_runs,
     _, members, _ = exported
     marker = tmp_path / "executed"
     with tempfile.TemporaryFile() as f:
-        torch.save({"model": Payload(marker)}, f); f.seek(0); payload = f.read()
+        torch.save({"model": Payload(marker)}, f)
+        f.seek(0)
+        payload = f.read()
     file = write_zip(tmp_path / "tampered.ck", {**members, member: payload})
     exc = load_error(file)
     assert not marker.exists(), f"load_learner unpickled {member}"
@@ -321,7 +343,8 @@ def test_truncated_export(tmp_path, exported, keep):
     file, _, _ = exported
     data = file.read_bytes()
     n = int(len(data) * keep) if isinstance(keep, float) else (keep if keep >= 0 else len(data) + keep)
-    cut = tmp_path / "cut.ck"; cut.write_bytes(data[:n])
+    cut = tmp_path / "cut.ck"
+    cut.write_bytes(data[:n])
     assert_clear_load_error(load_error(cut), cut)
 
 
@@ -329,8 +352,10 @@ def test_truncated_export(tmp_path, exported, keep):
                                      "pickle"])
 def test_not_a_zip(tmp_path, no_code_runs, content):
     marker = tmp_path / "executed"
-    if content == "pickle": content = pickle.dumps(Payload(marker))
-    file = tmp_path / "export.ck"; file.write_bytes(content)
+    if content == "pickle":
+        content = pickle.dumps(Payload(marker))
+    file = tmp_path / "export.ck"
+    file.write_bytes(content)
     exc = load_error(file)
     assert not marker.exists()
     assert_clear_load_error(exc, file)
@@ -376,13 +401,17 @@ def test_load_errors_name_the_file(tmp_path, exported, damage):
     `add_note`): a notebook may load several exports, and the traceback of a zip error does not say."""
     file, members, _ = exported
     bad = tmp_path / "my_export.ck"
-    if damage == "not_a_zip": bad.write_text("hello")
-    elif damage == "truncated": bad.write_bytes(file.read_bytes()[:-22])
-    elif damage == "missing_member": write_zip(bad, {k: v for k, v in members.items() if k != "data.json"})
+    if damage == "not_a_zip":
+        bad.write_text("hello")
+    elif damage == "truncated":
+        bad.write_bytes(file.read_bytes()[:-22])
+    elif damage == "missing_member":
+        write_zip(bad, {k: v for k, v in members.items() if k != "data.json"})
     elif damage == "wrong_shapes":
         import safetensors.torch
         write_zip(bad, {**members, "model.safetensors": safetensors.torch.save(simple_mlp(3, 2, hidden=[9]).state_dict())})
-    else: write_zip(bad, {**members, "model.json": json.dumps({"builder": "os:system", "kwargs": {}})})
+    else:
+        write_zip(bad, {**members, "model.json": json.dumps({"builder": "os:system", "kwargs": {}})})
     exc = load_error(bad)
     assert "my_export.ck" in message(exc), f"the error does not say which file is broken: {message(exc)!r}"
 
@@ -397,11 +426,13 @@ def test_load_refuses_pickled_objects(tmp_path, no_code_runs, kind):
     quiet_fit(learn)
     before = weights(learn)
     marker = tmp_path / "executed"
-    file = tmp_path / "models" / "bad.pth"; file.parent.mkdir()
+    file = tmp_path / "models" / "bad.pth"
+    file.parent.mkdir()
     _Audit.active = False  # writing the payload pickles it; only loading is watched
     torch.save({"model": Payload(marker)} if kind == "payload" else learn.model, file)
     _Audit.active = True
-    with pytest.raises(pickle.UnpicklingError): learn.load("bad")
+    with pytest.raises(pickle.UnpicklingError):
+        learn.load("bad")
     assert not marker.exists(), "Learner.load unpickled code"
     assert_same_weights(weights(learn), before)
 
@@ -410,9 +441,11 @@ def test_load_refusal_names_the_file(tmp_path, no_code_runs):
     """`learn.load("bad")` reads `path/models/bad.pth`: when it refuses the file, the user should see which
     file (torch's own message names neither the file nor a way to fix it that `Learner.load` offers)."""
     learn = make_learner(tmp_path)
-    file = tmp_path / "models" / "bad.pth"; file.parent.mkdir()
+    file = tmp_path / "models" / "bad.pth"
+    file.parent.mkdir()
     torch.save(learn.model, file)  # a whole model, as `torch.save(learn.model, ...)` writes it
-    with pytest.raises(pickle.UnpicklingError) as info: learn.load("bad")
+    with pytest.raises(pickle.UnpicklingError) as info:
+        learn.load("bad")
     assert "bad.pth" in message(info.value), f"the error does not say which file: {message(info.value)!r}"
 
 
@@ -424,7 +457,8 @@ def test_failed_load_leaves_the_model_unchanged(tmp_path):
     learn = make_learner(tmp_path)
     quiet_fit(learn)
     before = weights(learn)
-    with pytest.raises(RuntimeError, match="size mismatch"): learn.load("three_classes", with_opt=False)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        learn.load("three_classes", with_opt=False)
     assert_same_weights(weights(learn), before)
 
 
@@ -445,14 +479,16 @@ class CtrlC(Callback):
         self.event, self.at, self.train_batches, self.bar_at_interrupt = event, at, -1, None
 
     def _check(self, learn, event: str):
-        if event != self.event: return
+        if event != self.event:
+            return
         hit = self.train_batches >= self.at if event.endswith("validate") else learn.training and self.train_batches == self.at
         if hit:
             self.bar_at_interrupt = next((cb.bar for cb in learn.cbs if isinstance(cb, ProgressCallback)), None)
             raise KeyboardInterrupt()
 
     def before_batch(self, learn):
-        if learn.training: self.train_batches += 1
+        if learn.training:
+            self.train_batches += 1
         self._check(learn, "before_batch")
     def after_pred(self, learn): self._check(learn, "after_pred")
     def after_loss(self, learn): self._check(learn, "after_loss")
@@ -467,7 +503,9 @@ class CtrlC(Callback):
 class Hooked(Callback):
     "Puts a forward hook on the model for the fit and removes it in `after_fit`, as a real callback would."
     def before_fit(self, learn): self.handle = learn.model.register_forward_hook(lambda m, i, o: None)
-    def after_fit(self, learn): self.handle.remove(); self.done = True
+    def after_fit(self, learn):
+        self.handle.remove()
+        self.done = True
 
 
 @pytest.mark.parametrize("event", ["before_batch", "after_pred", "after_loss", "after_backward", "before_step",
@@ -478,13 +516,16 @@ def test_ctrl_c_keeps_the_weights_reached(tmp_path, event, capsys):
     completed step; the optimizer took exactly that many steps; every callback's teardown ran; the
     progress bar is closed; and the learner can be trained and used again."""
     learn = make_learner(tmp_path)
-    for cb in [cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]: learn.remove_cb(cb)
+    for cb in [cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]:
+        learn.remove_cb(cb)
     progress = learn.add_cb(ProgressCallback(notebook=True))  # the notebook display: a tqdm bar per phase
     snaps, ctrl_c, hooked = Snapshots(), CtrlC(event, at=5), Hooked()
-    with pytest.raises(KeyboardInterrupt): learn.fit(3, cbs=[snaps, ctrl_c, hooked])
+    with pytest.raises(KeyboardInterrupt):
+        learn.fit(3, cbs=[snaps, ctrl_c, hooked])
 
     expected_steps = 6 if event in ("after_step", "after_batch") else 5
-    if event in ("before_validate", "after_validate"): expected_steps = 8  # the whole second epoch
+    if event in ("before_validate", "after_validate"):
+        expected_steps = 8  # the whole second epoch
     assert snaps.steps == expected_steps, (event, snaps.steps)
     assert_same_weights(weights(learn), snaps.last)
     opt_steps = {int(s["step"]) for s in learn.opt.state.values()}
@@ -509,7 +550,8 @@ def test_ctrl_c_keeps_the_weights_reached(tmp_path, event, capsys):
 def test_ctrl_c_in_fit_one_cycle_removes_the_scheduler(tmp_path):
     "After an interrupted one-cycle fit, a plain `fit(lr=...)` trains at that lr, not at the schedule's."
     learn = make_learner(tmp_path)
-    with pytest.raises(KeyboardInterrupt), learn.no_bar(): learn.fit_one_cycle(2, 1e-2, cbs=[CtrlC("after_step", 2)])
+    with pytest.raises(KeyboardInterrupt), learn.no_bar():
+        learn.fit_one_cycle(2, 1e-2, cbs=[CtrlC("after_step", 2)])
     assert not any(isinstance(cb, (ParamScheduler, CtrlC)) for cb in learn.cbs)
     quiet_fit(learn, lr=3e-4)
     assert [g["lr"] for g in learn.opt.param_groups] == [3e-4]
@@ -521,7 +563,8 @@ def test_ctrl_c_in_lr_find_restores_the_model(tmp_path):
     quiet_fit(learn)
     before, opt_before = weights(learn), {int(s["step"]) for s in learn.opt.state.values()}
     ctrl_c = learn.add_cb(CtrlC("after_step", 2))  # lr_find takes no callbacks: add one to the learner
-    with pytest.raises(KeyboardInterrupt): learn.lr_find(num_it=20, show_plot=False)
+    with pytest.raises(KeyboardInterrupt):
+        learn.lr_find(num_it=20, show_plot=False)
     learn.remove_cb(ctrl_c)
     assert ctrl_c.train_batches == 2, "the interrupt should come during lr_find's third batch"
     assert_same_weights(weights(learn), before)
@@ -566,11 +609,15 @@ def test_fuzz_corrupted_export_bytes(exported, no_code_runs, data):
     file, _, (probs, labels) = exported
     raw = bytearray(file.read_bytes())
     edits = data.draw(st.lists(st.tuples(st.integers(0, len(raw) - 1), st.integers(0, 255)), min_size=1, max_size=6))
-    for pos, value in edits: raw[pos] = value
-    if data.draw(st.booleans()): raw = raw[:data.draw(st.integers(0, len(raw)))]
+    for pos, value in edits:
+        raw[pos] = value
+    if data.draw(st.booleans()):
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
     with tempfile.TemporaryDirectory() as d:
-        mutated = Path(d) / "mutated.ck"; mutated.write_bytes(bytes(raw))
-        try: learn = load_learner(mutated, device="cpu")
+        mutated = Path(d) / "mutated.ck"
+        mutated.write_bytes(bytes(raw))
+        try:
+            learn = load_learner(mutated, device="cpu")
         except BaseException as e:  # noqa: BLE001
             assert isinstance(e, LOAD_ERRORS), f"{type(e).__module__}.{type(e).__qualname__}: {e!r}"
             assert str(e).strip(), f"{type(e).__name__} without a message"
@@ -599,15 +646,20 @@ def test_fuzz_export_specs(exported, no_code_runs, data):
     _, members, _ = exported
     member = data.draw(st.sampled_from(["model.json", "data.json", "learner.json"]))
     spec = json.loads(members[member])
-    if data.draw(st.booleans()): spec = data.draw(small_json)
+    if data.draw(st.booleans()):
+        spec = data.draw(small_json)
     else:  # change one value somewhere inside the real spec
         node = spec
         while True:
             keys = list(node) if isinstance(node, dict) else list(range(len(node)))
-            if not keys: break
+            if not keys:
+                break
             key = data.draw(st.sampled_from(keys))
-            if isinstance(node[key], (dict, list)) and node[key] and data.draw(st.booleans()): node = node[key]; continue
-            node[key] = data.draw(small_json); break
+            if isinstance(node[key], (dict, list)) and node[key] and data.draw(st.booleans()):
+                node = node[key]
+                continue
+            node[key] = data.draw(small_json)
+            break
     with tempfile.TemporaryDirectory() as d:
         file = write_zip(Path(d) / "fuzzed.ck", {**members, member: json.dumps(spec)})
         try:

@@ -145,6 +145,21 @@ def test_trash_folder_that_is_a_symlink_is_refused(tmp_path):
     assert snapshot(root) == before and (root / "cats" / "img_0.png").is_file()
 
 
+def test_journal_or_cleaned_csv_that_is_a_symlink_is_refused(tmp_path):
+    root = make_dataset(tmp_path)
+    victim = tmp_path / "outside" / "victim.txt"
+    victim.write_text("precious")
+    (root / TRASH_FOLDER).mkdir()
+    (root / TRASH_FOLDER / "journal.jsonl").symlink_to(victim)
+    with pytest.raises(UnsafePathError):
+        TrashJournal(root).to_trash("cats/img_0.png", "test", 1)
+    (root / TRASH_FOLDER / "journal.jsonl").unlink()
+    (root / "cleaned.csv").symlink_to(victim)
+    with pytest.raises(UnsafePathError):
+        ImageCleaner.from_folder(root)
+    assert victim.read_text() == "precious" and (root / "cats" / "img_0.png").is_file()
+
+
 def test_lock_file_that_is_a_symlink_is_never_written_through(tmp_path):
     root = make_dataset(tmp_path)
     (root / TRASH_FOLDER).mkdir()
@@ -379,6 +394,25 @@ def test_torn_journal_line_is_reported_and_the_rest_works(tmp_path):
         cleaner.apply()
         assert cleaner.undo()
         assert TrashJournal(root).undo(1) == {".trash/cats/img_0.png": "cats/img_0.png"}
+
+
+def test_journal_line_that_is_not_utf8_counts_as_torn(tmp_path):
+    root = make_dataset(tmp_path)
+    journal = TrashJournal(root)
+    journal.to_trash("cats/img_0.png", "first", journal.new_batch())
+    with open(journal.path, "ab") as f:
+        f.write(b'{"batch": 2, "op": "move", "src": "\xff\xfe')
+    with pytest.warns(UserWarning, match="line 2"):
+        assert TrashJournal(root).undo() == {".trash/cats/img_0.png": "cats/img_0.png"}
+
+
+def test_unreadable_lock_note_still_names_the_lock(tmp_path):
+    root = make_dataset(tmp_path)
+    cleaner = ImageCleaner.from_folder(root)
+    (root / TRASH_FOLDER / "lock").write_bytes(b"\x00garbage")  # the holder's note, overwritten
+    kind, message = in_child(_open_in_child, root)
+    assert kind == FolderInUseError.__name__ and "lock" in message, (kind, message)
+    cleaner.close()
 
 
 def test_journal_line_that_is_json_but_not_an_entry_is_refused(tmp_path):

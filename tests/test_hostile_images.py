@@ -72,6 +72,7 @@ class Hostile(http.server.BaseHTTPRequestHandler):
         if path == "/truncated.png": return self.send_body(png_bytes((200, 200))[:300])
         if path == "/bomb.png": return self.send_body(bomb_png())
         if path == "/to-file": return self.redirect("file:///etc/passwd")
+        if path == "/drip.jpg": return self.drip()
         if path == "/to-ftp": return self.redirect("ftp://127.0.0.1/x.png")
         if path == "/declared-huge.jpg":
             self.send_response(200)
@@ -85,6 +86,16 @@ class Hostile(http.server.BaseHTTPRequestHandler):
             self.end_headers()
             return self.stream(200 * 2**20)
         self.send_error(404)
+
+    def drip(self):
+        "A byte every 0.2 s, for ever: each read is quick, the whole never ends."
+        self.send_response(200)
+        self.send_header("Content-Type", "image/jpeg")
+        self.end_headers()
+        for _ in range(600):
+            self.wfile.write(b"\xff")
+            self.wfile.flush()
+            time.sleep(0.2)
 
     def redirect(self, where: str):
         self.send_response(302)
@@ -148,6 +159,19 @@ def test_size_cap_is_enforced_while_streaming(tmp_path, server):
     time.sleep(0.5)
     assert Hostile.sent["/endless.jpg"] < 40 * 2**20, "the whole body was read: the cap was not applied while streaming"
     assert list(dest.iterdir()) == []
+
+
+def test_a_server_that_drips_is_abandoned_at_the_deadline(tmp_path, server):
+    t0 = time.perf_counter()
+    res = download_images([f"{server}/drip.jpg"], tmp_path / "dest", timeout=2, retries=0, deadline=1.5)
+    assert time.perf_counter() - t0 < 10
+    assert "deadline" in res.failed[f"{server}/drip.jpg"], res.failed
+    assert list((tmp_path / "dest").iterdir()) == []
+
+
+def test_a_single_non_http_url_string_is_reported_not_read_as_a_file(tmp_path):
+    res = download_images("file:///etc/passwd", tmp_path / "dest")
+    assert list(res.failed) == ["file:///etc/passwd"] and "only http" in res.failed["file:///etc/passwd"]
 
 
 def test_decompression_bomb_is_reported_as_too_large(tmp_path):

@@ -8,7 +8,7 @@ __all__ = ['TRASH_FOLDER', 'atomic_write_bytes', 'unique_path', 'move_exactly', 
            'TrashJournal', 'FolderInUseError', 'WriterReplacedError', 'FolderClaim', 'image_problem', 'ImageCheck',
            'verify_images', 'url_file_stem', 'Downloads', 'download_images']
 
-# %% ../../nbs/core/08_vision_utils.ipynb #ee6b8b79
+# %% ../../nbs/core/08_vision_utils.ipynb #197afc39
 import fcntl
 import hashlib
 import json
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core import atomic_write
 from .data import get_image_files
 
-# %% ../../nbs/core/08_vision_utils.ipynb #cfdfc10e
+# %% ../../nbs/core/08_vision_utils.ipynb #c5133174
 TRASH_FOLDER = ".trash"
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -73,7 +73,7 @@ def move_no_overwrite(src, dst) -> Path:
         return move_no_overwrite(src, dst)
     return dst
 
-# %% ../../nbs/core/08_vision_utils.ipynb #743723e2
+# %% ../../nbs/core/08_vision_utils.ipynb #c320bc2b
 class UnsafePathError(ValueError):
     "A path that leads outside the dataset folder (through `..`, an absolute path or a symbolic link)."
 
@@ -328,7 +328,7 @@ def _same_file(a, b) -> bool:
     sa, sb = os.lstat(a), os.lstat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
-# %% ../../nbs/core/08_vision_utils.ipynb #d4732f6d
+# %% ../../nbs/core/08_vision_utils.ipynb #ce5e0c44
 class FolderInUseError(RuntimeError):
     "Another process is changing this dataset folder (an image cleaner, or `verify_images`)."
 
@@ -400,7 +400,7 @@ def _describe_holder(note: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         return "another process holds its lock (its note in .trash/lock cannot be read)"
 
-# %% ../../nbs/core/08_vision_utils.ipynb #f1999440
+# %% ../../nbs/core/08_vision_utils.ipynb #180cc758
 _FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "PNG": (".png",), "GIF": (".gif",),
                       "BMP": (".bmp",), "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
 
@@ -442,7 +442,7 @@ def image_problem(path, max_pixels: int | None = None) -> str | None:
         return f"wrong extension: a {fmt} file named {path.suffix}"
     return None
 
-# %% ../../nbs/core/08_vision_utils.ipynb #eee827db
+# %% ../../nbs/core/08_vision_utils.ipynb #d6cc19ed
 @dataclass
 class ImageCheck:
     "What `verify_images` found and did: bad files with their problem, files moved, files shrunk."
@@ -518,14 +518,15 @@ def verify_images(path_or_files, delete: bool = False, max_size: int | None = No
     print(repr(result))
     return result
 
-# %% ../../nbs/core/08_vision_utils.ipynb #c6a3ff47
+# %% ../../nbs/core/08_vision_utils.ipynb #9fed0491
 _WEB_SCHEMES = ("http", "https")
 
 def _read_urls(urls_or_file) -> list:
-    if isinstance(urls_or_file, (str, os.PathLike)) and not str(urls_or_file).startswith(("http://", "https://")):
-        lines = Path(urls_or_file).read_text().splitlines()
-    elif isinstance(urls_or_file, str):
+    "The URLs to fetch: one URL (any string with `://`), the lines of a file of URLs, or a list."
+    if isinstance(urls_or_file, str) and "://" in urls_or_file:
         lines = [urls_or_file]
+    elif isinstance(urls_or_file, (str, os.PathLike)):
+        lines = Path(urls_or_file).read_text().splitlines()
     else:
         lines = list(urls_or_file)
     urls = [str(u).strip() for u in lines if str(u).strip() and not str(u).strip().startswith("#")]
@@ -564,7 +565,7 @@ def _stream(url: str, part: Path, limits: _Limits, started: float):
             raise ValueError(f"larger than max_bytes={limits.max_bytes:,}: the server announces {int(declared):,} bytes")
         size = 0
         with open(part, "wb") as f:
-            while chunk := resp.read(65536):
+            while chunk := resp.read1(65536):  # whatever has arrived, so that the deadline is checked
                 size += len(chunk)
                 if size > limits.max_bytes:
                     raise ValueError(f"larger than max_bytes={limits.max_bytes:,} bytes (stopped reading there)")

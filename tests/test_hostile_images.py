@@ -187,6 +187,18 @@ def test_decompression_bomb_is_reported_as_too_large(tmp_path):
     assert check.moved == {folder / "bomb.png": ".trash/bomb.png"} and (folder / "good.png").is_file()
 
 
+def test_a_link_to_a_file_elsewhere_is_reported_not_moved(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (tmp_path / "page.html").write_bytes(b"<html>a page outside the dataset</html>")
+    (folder / "link.jpg").symlink_to(tmp_path / "page.html")
+    (folder / "broken.jpg").write_bytes(b"broken")
+    check = verify_images(folder, delete=True)
+    assert "not moved" in check.bad[folder / "link.jpg"] and "outside the dataset folder" in check.bad[folder / "link.jpg"]
+    assert check.moved == {folder / "broken.jpg": ".trash/broken.jpg"}
+    assert (folder / "link.jpg").is_symlink() and (tmp_path / "page.html").is_file()
+
+
 def unprivileged(target, *args):
     "Run `target(*args)` in a forked process that cannot read mode-000 files (it drops to `nobody` when run as root)."
     parent_conn, child_conn = FORK.Pipe()

@@ -8,7 +8,7 @@ __all__ = ['TRASH_FOLDER', 'atomic_write_bytes', 'unique_path', 'move_exactly', 
            'TrashJournal', 'FolderInUseError', 'WriterReplacedError', 'FolderClaim', 'image_problem', 'ImageCheck',
            'verify_images', 'url_file_stem', 'Downloads', 'download_images']
 
-# %% ../../nbs/core/08_vision_utils.ipynb #197afc39
+# %% ../../nbs/core/08_vision_utils.ipynb #9332b936
 import fcntl
 import hashlib
 import json
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core import atomic_write
 from .data import get_image_files
 
-# %% ../../nbs/core/08_vision_utils.ipynb #c5133174
+# %% ../../nbs/core/08_vision_utils.ipynb #821d7340
 TRASH_FOLDER = ".trash"
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -73,7 +73,7 @@ def move_no_overwrite(src, dst) -> Path:
         return move_no_overwrite(src, dst)
     return dst
 
-# %% ../../nbs/core/08_vision_utils.ipynb #c320bc2b
+# %% ../../nbs/core/08_vision_utils.ipynb #a44666d2
 class UnsafePathError(ValueError):
     "A path that leads outside the dataset folder (through `..`, an absolute path or a symbolic link)."
 
@@ -328,7 +328,7 @@ def _same_file(a, b) -> bool:
     sa, sb = os.lstat(a), os.lstat(b)
     return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
-# %% ../../nbs/core/08_vision_utils.ipynb #ce5e0c44
+# %% ../../nbs/core/08_vision_utils.ipynb #8df16562
 class FolderInUseError(RuntimeError):
     "Another process is changing this dataset folder (an image cleaner, or `verify_images`)."
 
@@ -400,7 +400,7 @@ def _describe_holder(note: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         return "another process holds its lock (its note in .trash/lock cannot be read)"
 
-# %% ../../nbs/core/08_vision_utils.ipynb #180cc758
+# %% ../../nbs/core/08_vision_utils.ipynb #595d6594
 _FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "PNG": (".png",), "GIF": (".gif",),
                       "BMP": (".bmp",), "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
 
@@ -442,7 +442,7 @@ def image_problem(path, max_pixels: int | None = None) -> str | None:
         return f"wrong extension: a {fmt} file named {path.suffix}"
     return None
 
-# %% ../../nbs/core/08_vision_utils.ipynb #d6cc19ed
+# %% ../../nbs/core/08_vision_utils.ipynb #489890d4
 @dataclass
 class ImageCheck:
     "What `verify_images` found and did: bad files with their problem, files moved, files shrunk."
@@ -508,17 +508,22 @@ def verify_images(path_or_files, delete: bool = False, max_size: int | None = No
                     result.resized.append(f)
                 continue
             result.bad[f] = problem
-            if delete:
+            if not delete:
+                continue
+            try:
                 moved = _fix(journal, f, problem, batch)
-                if moved is not None:
-                    result.moved[f] = moved
+            except UnsafePathError as err:  # a link to a file elsewhere: reported, never moved
+                result.bad[f] = f"{problem}; not moved: {err}"
+                continue
+            if moved is not None:
+                result.moved[f] = moved
     finally:
         if claim is not None:
             claim.release("verify_images finished")
     print(repr(result))
     return result
 
-# %% ../../nbs/core/08_vision_utils.ipynb #9fed0491
+# %% ../../nbs/core/08_vision_utils.ipynb #c328e78b
 _WEB_SCHEMES = ("http", "https")
 
 def _read_urls(urls_or_file) -> list:

@@ -8,7 +8,7 @@ __all__ = ['TRASH_FOLDER', 'atomic_write_bytes', 'unique_path', 'move_exactly', 
            'TrashJournal', 'FolderInUseError', 'WriterReplacedError', 'FolderClaim', 'image_problem', 'ImageCheck',
            'verify_images', 'url_file_stem', 'Downloads', 'download_images']
 
-# %% ../../nbs/core/08_vision_utils.ipynb #9332b936
+# %% ../../nbs/core/08_vision_utils.ipynb #cdd6a57f
 import fcntl
 import hashlib
 import json
@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from ..core import atomic_write
 from .data import get_image_files
 
-# %% ../../nbs/core/08_vision_utils.ipynb #821d7340
+# %% ../../nbs/core/08_vision_utils.ipynb #64488758
 TRASH_FOLDER = ".trash"
 
 def atomic_write_bytes(path, data: bytes) -> Path:
@@ -73,7 +73,7 @@ def move_no_overwrite(src, dst) -> Path:
         return move_no_overwrite(src, dst)
     return dst
 
-# %% ../../nbs/core/08_vision_utils.ipynb #a44666d2
+# %% ../../nbs/core/08_vision_utils.ipynb #ca74eb5f
 class UnsafePathError(ValueError):
     "A path that leads outside the dataset folder (through `..`, an absolute path or a symbolic link)."
 
@@ -83,6 +83,11 @@ def _is_inside(path, root) -> bool:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+def _same_file(a, b) -> bool:
+    "True when `a` and `b` are two names of one file (the links themselves, not what they point to)."
+    sa, sb = os.lstat(a), os.lstat(b)
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 _OPS = ("move", "void", "undo", "saved")
 
@@ -96,7 +101,6 @@ class TrashJournal:
         self.trash = self.root / TRASH_FOLDER
         self.path = self.trash / "journal.jsonl"
         self._read = (None, [])  # (the journal file's identity and size, its entries) when last read
-
 
     def resolve(self, rel, where: str = "") -> Path:
         "The path `rel` (relative to the dataset folder) names; `UnsafePathError` unless its real path lies inside the folder."
@@ -323,12 +327,7 @@ class TrashJournal:
             move_exactly(self.resolve(now), there)
         return restored
 
-def _same_file(a, b) -> bool:
-    "True when `a` and `b` are two names of one file (the links themselves, not what they point to)."
-    sa, sb = os.lstat(a), os.lstat(b)
-    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
-
-# %% ../../nbs/core/08_vision_utils.ipynb #8df16562
+# %% ../../nbs/core/08_vision_utils.ipynb #89d0c7ff
 class FolderInUseError(RuntimeError):
     "Another process is changing this dataset folder (an image cleaner, or `verify_images`)."
 
@@ -400,7 +399,7 @@ def _describe_holder(note: bytes) -> str:
     except (ValueError, KeyError, TypeError):
         return "another process holds its lock (its note in .trash/lock cannot be read)"
 
-# %% ../../nbs/core/08_vision_utils.ipynb #595d6594
+# %% ../../nbs/core/08_vision_utils.ipynb #794d04b9
 _FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "PNG": (".png",), "GIF": (".gif",),
                       "BMP": (".bmp",), "WEBP": (".webp",), "TIFF": (".tif", ".tiff")}
 
@@ -442,7 +441,7 @@ def image_problem(path, max_pixels: int | None = None) -> str | None:
         return f"wrong extension: a {fmt} file named {path.suffix}"
     return None
 
-# %% ../../nbs/core/08_vision_utils.ipynb #489890d4
+# %% ../../nbs/core/08_vision_utils.ipynb #971609f3
 @dataclass
 class ImageCheck:
     "What `verify_images` found and did: bad files with their problem, files moved, files shrunk."
@@ -523,7 +522,7 @@ def verify_images(path_or_files, delete: bool = False, max_size: int | None = No
     print(repr(result))
     return result
 
-# %% ../../nbs/core/08_vision_utils.ipynb #c328e78b
+# %% ../../nbs/core/08_vision_utils.ipynb #366a555a
 _WEB_SCHEMES = ("http", "https")
 
 def _read_urls(urls_or_file) -> list:

@@ -7,7 +7,7 @@ decision or a file."""
 __all__ = ['CLEANED_COLUMNS', 'CleanerItem', 'CleanerState', 'read_cleaned', 'most_similar_pairs', 'item_paths', 'learner_items',
            'pooled_features', 'dataset_root', 'thumbnail_bytes', 'ImageCleaner', 'ConfusionMatrixWidget']
 
-# %% ../nbs/core/10_widgets.ipynb #b53f4674
+# %% ../nbs/core/10_widgets.ipynb #1380e630
 import heapq
 import html
 import io
@@ -26,7 +26,7 @@ from .vision.data import get_image_files
 from .vision.utils import (TRASH_FOLDER, FolderClaim, FolderInUseError, TrashJournal, WriterReplacedError,
                                     atomic_write_bytes)
 
-# %% ../nbs/core/10_widgets.ipynb #736257e5
+# %% ../nbs/core/10_widgets.ipynb #d5e64cd8
 @dataclass
 class CleanerItem:
     "One image in the cleaner: its file (relative to the dataset folder), label from the data, split, and model's view."
@@ -37,7 +37,7 @@ class CleanerItem:
     prob: float | None = None
     loss: float | None = None
 
-# %% ../nbs/core/10_widgets.ipynb #390b8798
+# %% ../nbs/core/10_widgets.ipynb #dc8eb6d3
 CLEANED_COLUMNS = ["fname", "label", "is_valid", "deleted", "reviewed"]
 _ALL = None
 
@@ -245,7 +245,7 @@ class CleanerState:
         self._checkpoint()
         return restored
 
-# %% ../nbs/core/10_widgets.ipynb #0007dd22
+# %% ../nbs/core/10_widgets.ipynb #258d8c8e
 def _catch_up(fnames: list, journal: TrashJournal, name: str) -> list:
     "The rows' file names after the moves `name` has not seen yet (an `apply()` killed midway, `verify_images`)."
     ops, rows = journal.changes_since_saved(name), set(fnames)
@@ -275,7 +275,7 @@ def read_cleaned(root, drop_deleted: bool = True, csv_name: str = "cleaned.csv",
     df = df.assign(fname=_catch_up(list(df.fname), journal, journal.relative(path)))
     return df[~df.deleted].reset_index(drop=True) if drop_deleted else df
 
-# %% ../nbs/core/10_widgets.ipynb #97383e5e
+# %% ../nbs/core/10_widgets.ipynb #c7074dae
 def most_similar_pairs(features: torch.Tensor, k: int = 50, block_size: int = 256) -> list:
     "The `k` most similar pairs `(i, j, cosine)` with i < j, best first, computed block by block (no N×N matrix)."
     feats = torch.nn.functional.normalize(features.detach().float(), dim=1)
@@ -296,7 +296,7 @@ def most_similar_pairs(features: torch.Tensor, k: int = 50, block_size: int = 25
                 heapq.heapreplace(best, item)
     return [(i, j, s) for s, i, j in sorted(best, key=lambda t: (-t[0], t[1], t[2]))]
 
-# %% ../nbs/core/10_widgets.ipynb #aca5f746
+# %% ../nbs/core/10_widgets.ipynb #bcc88758
 def _ordered_loaders(learn, ds_idx):
     "The loaders to look at, unshuffled, with their validity flag: training and validation by default."
     idxs = (0, 1) if ds_idx is None else (ds_idx,)
@@ -340,7 +340,7 @@ def dataset_root(paths, folder_labels: bool) -> Path:
     parents = [os.path.abspath(Path(p).parent.parent if folder_labels else Path(p).parent) for p in paths]
     return Path(os.path.commonpath(parents))
 
-# %% ../nbs/core/10_widgets.ipynb #316ba8fa
+# %% ../nbs/core/10_widgets.ipynb #ee041ff1
 _BORDER = {"deleted": "3px solid #d62728", "relabelled": "3px solid #ff7f0e", "kept": "3px solid #2ca02c",
            "todo": "3px solid #ddd"}
 
@@ -424,7 +424,7 @@ class _Tile:
         finally:
             self.updating = False
 
-# %% ../nbs/core/10_widgets.ipynb #9f06ac1b
+# %% ../nbs/core/10_widgets.ipynb #f5732dae
 class ImageCleaner:
     "Review images a page at a time: keep, delete or relabel; each decision goes to `cleaned.csv`; `apply()` moves files."
     def __init__(self, state: CleanerState, thumb_size: int = 160):
@@ -593,7 +593,7 @@ class ImageCleaner:
                              notes=[f"similarity {s:.3f}" for _, _, s in pairs], folder_labels=folder_labels, page_size=page_size)
         return cls(state, thumb_size)
 
-# %% ../nbs/core/10_widgets.ipynb #9d073f24
+# %% ../nbs/core/10_widgets.ipynb #c41e6123
 class ConfusionMatrixWidget:
     "A confusion matrix whose cells show their images (probability, loss) and open them in the image cleaner."
     def __init__(self, interp, root=None, max_images: int = 24, thumb_size: int = 110, page_size: int = 12):

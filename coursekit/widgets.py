@@ -7,10 +7,12 @@ decision or a file."""
 __all__ = ['CLEANED_COLUMNS', 'CleanerItem', 'CleanerState', 'read_cleaned', 'most_similar_pairs', 'item_paths', 'learner_items',
            'pooled_features', 'dataset_root', 'thumbnail_bytes', 'ImageCleaner', 'ConfusionMatrixWidget']
 
-# %% ../nbs/core/10_widgets.ipynb #e66cf770
+# %% ../nbs/core/10_widgets.ipynb #1380e630
 import heapq
+import html
 import io
 import os
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,9 +23,10 @@ import torch
 from PIL import Image
 
 from .vision.data import get_image_files
-from .vision.utils import TRASH_FOLDER, TrashJournal, atomic_write_bytes
+from .vision.utils import (TRASH_FOLDER, FolderClaim, FolderInUseError, TrashJournal, WriterReplacedError,
+                                    atomic_write_bytes)
 
-# %% ../nbs/core/10_widgets.ipynb #7622277b
+# %% ../nbs/core/10_widgets.ipynb #d5e64cd8
 @dataclass
 class CleanerItem:
     "One image in the cleaner: its file (relative to the dataset folder), label from the data, split, and model's view."
@@ -34,11 +37,12 @@ class CleanerItem:
     prob: float | None = None
     loss: float | None = None
 
-# %% ../nbs/core/10_widgets.ipynb #336b8330
+# %% ../nbs/core/10_widgets.ipynb #dc8eb6d3
 CLEANED_COLUMNS = ["fname", "label", "is_valid", "deleted", "reviewed"]
 _ALL = None
 
-def _trashed(fname: str) -> bool: return fname.startswith(TRASH_FOLDER + "/")
+def _trashed(fname: str) -> bool:
+    return fname.startswith(TRASH_FOLDER + "/")
 
 def _check_label(label) -> str:
     label = str(label).strip()
@@ -48,14 +52,27 @@ def _check_label(label) -> str:
     return label
 
 class CleanerState:
-    "The image cleaner without widgets: items, decisions, filters, pages, `cleaned.csv`, `apply()` and `undo()`."
+    "The image cleaner without widgets: items (or a function listing them), decisions, pages, `cleaned.csv`, `apply()`, `undo()`."
     def __init__(self, root, items, groups=None, notes=None, folder_labels: bool = False, page_size: int = 12,
                  csv_name: str = "cleaned.csv"):
         self.journal = TrashJournal(root)
         self.root, self.folder_labels, self.page_size = self.journal.root, folder_labels, page_size
-        self.csv_path = self.root / csv_name
-        self.items = list(items)
-        for it in self.items: it.fname = self.journal.relative(it.fname)  # refuses files outside the folder
+        self.csv_path = self.journal.resolve(csv_name, "the decisions file: ")
+        self.claim = FolderClaim(self.journal, "an image cleaner")
+        weakref.finalize(self, self.claim.release, "the cleaner was garbage-collected")
+        try:
+            self._open(items, groups, notes)
+        except BaseException:
+            self.claim.release("opening failed")
+            raise
+
+    def _open(self, items, groups, notes):
+        "Finish what a killed process left half done, take the items, read the decisions back, write `cleaned.csv`."
+        repaired = dict(self.journal.recover())
+        self.items = list(items() if callable(items) else items)
+        for it in self.items:
+            it.fname = self.journal.relative(it.fname)  # refuses files outside the folder, links included
+            it.fname = repaired.get(it.fname, it.fname)  # listed before an interrupted undo was finished
         self.groups = [tuple(g) for g in groups] if groups is not None else [(i,) for i in range(len(self.items))]
         self.notes = list(notes) if notes is not None else [""] * len(self.groups)
         self.labels = [it.data_label for it in self.items]
@@ -64,12 +81,13 @@ class CleanerState:
         self.class_filter, self.split_filter, self.page = _ALL, _ALL, 0
         self.other_rows = pd.DataFrame(columns=CLEANED_COLUMNS)
         self._resume()
-        self.save()
+        self._checkpoint()
 
     def _resume(self):
         "Take back the decisions stored in `cleaned.csv`; keep rows about other files as they are."
-        if not self.csv_path.exists(): return
-        df = read_cleaned(self.root, drop_deleted=False, csv_name=self.csv_path.name)
+        if not self.csv_path.exists():
+            return
+        df = read_cleaned(self.root, drop_deleted=False, csv_name=self.csv_path.name, journal=self.journal)
         index = {it.fname: i for i, it in enumerate(self.items)}
         others = []
         for row in df.itertuples(index=False):
@@ -77,25 +95,42 @@ class CleanerState:
             if i is None and _trashed(row.fname) and (self.root / row.fname).is_file():
                 i = len(self.items)  # applied deletion: bring it back as an item so it can be reviewed and undone
                 self.items.append(CleanerItem(row.fname, row.label, bool(row.is_valid)))
-                self.labels.append(row.label); self.deleted.append(True); self.reviewed.append(True)
-                self.groups.append((i,)); self.notes.append("in the trash")
-            if i is None: others.append(row); continue
-            if not bool(row.reviewed): continue  # not decided yet: the data's label stands
+                self.labels.append(row.label)
+                self.deleted.append(True)
+                self.reviewed.append(True)
+                self.groups.append((i,))
+                self.notes.append("in the trash")
+            if i is None:
+                others.append(row)
+                continue
+            if not bool(row.reviewed):
+                continue  # not decided yet: the data's label stands
             self.labels[i], self.deleted[i], self.reviewed[i] = str(row.label), bool(row.deleted), bool(row.reviewed)
         self.other_rows = pd.DataFrame(others, columns=CLEANED_COLUMNS)
+
+    # --- one writer at a time -------------------------------------------------------------------
+    def close(self):
+        "Let go of the folder, so that another cleaner (in another notebook) may change it; this one then only reads."
+        self.claim.release("it was closed")
 
     # --- decisions ---------------------------------------------------------------------------
     def keep(self, i: int):
         "Mark item `i` reviewed and kept (undoes a delete; keeps any relabel)."
-        self.deleted[i], self.reviewed[i] = False, True; self.save()
+        self.claim.check()
+        self.deleted[i], self.reviewed[i] = False, True
+        self.save()
 
     def delete(self, i: int):
         "Mark item `i` to be deleted (moved to the trash by `apply()`)."
-        self.deleted[i], self.reviewed[i] = True, True; self.save()
+        self.claim.check()
+        self.deleted[i], self.reviewed[i] = True, True
+        self.save()
 
     def relabel(self, i: int, label: str):
         "Give item `i` the class `label` (an existing class or a new name); it is kept."
-        self.labels[i], self.deleted[i], self.reviewed[i] = _check_label(label), False, True; self.save()
+        self.claim.check()
+        self.labels[i], self.deleted[i], self.reviewed[i] = _check_label(label), False, True
+        self.save()
 
     @property
     def classes(self) -> list:
@@ -103,7 +138,8 @@ class CleanerState:
         return sorted(set(it.data_label for it in self.items) | set(self.labels))
 
     @property
-    def n_reviewed(self) -> int: return sum(self.reviewed)
+    def n_reviewed(self) -> int:
+        return sum(self.reviewed)
 
     def decisions(self) -> dict:
         "{fname: (label, deleted, reviewed)} for every item."
@@ -112,8 +148,10 @@ class CleanerState:
     # --- filters and pages ---------------------------------------------------------------------
     def _matches(self, i: int) -> bool:
         it = self.items[i]
-        if self.class_filter is not _ALL and it.data_label != self.class_filter: return False
-        if self.split_filter is not _ALL and it.is_valid != (self.split_filter == "valid"): return False
+        if self.class_filter is not _ALL and it.data_label != self.class_filter:
+            return False
+        if self.split_filter is not _ALL and it.is_valid != (self.split_filter == "valid"):
+            return False
         return True
 
     def visible_groups(self) -> list:
@@ -121,7 +159,8 @@ class CleanerState:
         return [g for g, members in enumerate(self.groups) if any(self._matches(i) for i in members)]
 
     @property
-    def n_pages(self) -> int: return max(1, -(-len(self.visible_groups()) // self.page_size))
+    def n_pages(self) -> int:
+        return max(1, -(-len(self.visible_groups()) // self.page_size))
 
     def page_groups(self) -> list:
         "The groups on the current page."
@@ -129,15 +168,18 @@ class CleanerState:
 
     def set_filter(self, label=_ALL, split=_ALL):
         "Show only items whose data label is `label` and whose split is `split` ('train'/'valid'); back to page 1."
-        if split not in (_ALL, "train", "valid"): raise ValueError(f"split must be None, 'train' or 'valid', not {split!r}")
+        if split not in (_ALL, "train", "valid"):
+            raise ValueError(f"split must be None, 'train' or 'valid', not {split!r}")
         self.class_filter, self.split_filter, self.page = label, split, 0
 
     def go_to_page(self, page: int):
         "Show page `page` (0-based, clipped to the pages there are)."
         self.page = min(max(0, page), self.n_pages - 1)
 
-    def next_page(self): self.go_to_page(self.page + 1)
-    def prev_page(self): self.go_to_page(self.page - 1)
+    def next_page(self):
+        self.go_to_page(self.page + 1)
+    def prev_page(self):
+        self.go_to_page(self.page - 1)
 
     # --- cleaned.csv -----------------------------------------------------------------------
     def to_df(self) -> pd.DataFrame:
@@ -148,55 +190,92 @@ class CleanerState:
         return pd.concat([rows, self.other_rows], ignore_index=True) if len(self.other_rows) else rows
 
     def save(self):
-        "Write `cleaned.csv` atomically (called after every decision)."
+        "Write `cleaned.csv` atomically (called after every decision); only while this cleaner holds the folder."
+        self.claim.check()
         atomic_write_bytes(self.csv_path, self.to_df().to_csv(index=False).encode())
+
+    def _checkpoint(self):
+        "Save, and note in the journal that `cleaned.csv` now says where every file is (see `read_cleaned`)."
+        self.save()
+        self.journal.mark_saved(self.csv_path)
 
     # --- apply and undo -------------------------------------------------------------------------
     def _target(self, i: int) -> str | None:
         "Where item `i`'s file should be for the disk to match the decisions, or None if it is there."
         fname, label = self.items[i].fname, self.labels[i]
-        if self.deleted[i]: return None if _trashed(fname) else f"{TRASH_FOLDER}/{fname}"
-        if _trashed(fname): fname = fname[len(TRASH_FOLDER) + 1:]  # kept again: out of the trash
+        if self.deleted[i]:
+            return None if _trashed(fname) else f"{TRASH_FOLDER}/{fname}"
+        if _trashed(fname):
+            fname = fname[len(TRASH_FOLDER) + 1:]  # kept again: out of the trash
         if self.folder_labels and Path(fname).parent.name != label and Path(fname).parent != Path("."):
             fname = (Path(fname).parent.parent / label / Path(fname).name).as_posix()
         return None if fname == self.items[i].fname else fname
 
+    def _reason(self, i: int) -> str:
+        it = self.items[i]
+        if self.deleted[i]:
+            return "deleted in the image cleaner"
+        if _trashed(it.fname):
+            return "kept again in the image cleaner"
+        return f"relabelled in the image cleaner: {it.data_label} -> {self.labels[i]}"
+
     def apply(self) -> dict:
         "Make the files match the decisions: deleted into `.trash/`, relabelled into their class folder; journaled."
+        self.claim.check()
         batch, moved = self.journal.new_batch(), {}
-        for i, it in enumerate(self.items):
-            target = self._target(i)
-            if target is None: continue
-            if self.deleted[i]: reason = "deleted in the image cleaner"
-            elif _trashed(it.fname): reason = "kept again in the image cleaner"
-            else: reason = f"relabelled in the image cleaner: {it.data_label} -> {self.labels[i]}"
-            new = self.journal.move(it.fname, target, reason, batch)
-            moved[it.fname], it.fname = new, new
-        self.save()
+        try:
+            for i, it in enumerate(self.items):
+                target = self._target(i)
+                if target is None:
+                    continue
+                new = self.journal.move(it.fname, target, self._reason(i), batch)
+                moved[it.fname], it.fname = new, new
+        finally:
+            self._checkpoint()  # cleaned.csv says where every file is, even if a move failed
         return moved
 
     def undo(self) -> dict:
         "Reverse the last `apply()` (the decisions stay as they are); returns {where a file was: where it is now}."
+        self.claim.check()
         restored = self.journal.undo()
         where = {it.fname: it for it in self.items}
         for now, back in restored.items():
-            if now in where: where[now].fname = back
-        self.save()
+            if now in where:
+                where[now].fname = back
+        self._checkpoint()
         return restored
 
-# %% ../nbs/core/10_widgets.ipynb #85181e3d
-def read_cleaned(root, drop_deleted: bool = True, csv_name: str = "cleaned.csv") -> pd.DataFrame:
+# %% ../nbs/core/10_widgets.ipynb #258d8c8e
+def _catch_up(fnames: list, journal: TrashJournal, name: str) -> list:
+    "The rows' file names after the moves `name` has not seen yet (an `apply()` killed midway, `verify_images`)."
+    ops, rows = journal.changes_since_saved(name), set(fnames)
+    seen = len(ops)
+    while seen and ops[seen - 1][0][1] not in rows:  # seen: the rows name where its first file went
+        seen -= 1
+    fnames = list(fnames)
+    for op in ops[seen:]:
+        for src, dst in op:
+            fnames = [dst if f == src else f for f in fnames]
+    return fnames
+
+def read_cleaned(root, drop_deleted: bool = True, csv_name: str = "cleaned.csv", journal=None) -> pd.DataFrame:
     "Read `root/cleaned.csv` (fname, label, is_valid, deleted, reviewed), by default without the deleted rows."
-    path = Path(root) / csv_name
-    if not path.exists(): raise FileNotFoundError(f"No {path}: open the image cleaner on {root} first.")
+    journal = journal or TrashJournal(root)
+    path = journal.resolve(csv_name, "the decisions file: ")
+    if not path.exists():
+        raise FileNotFoundError(f"No {path}: open the image cleaner on {root} first.")
     df = pd.read_csv(path, dtype={"fname": str, "label": str}, keep_default_na=False)
     missing = set(CLEANED_COLUMNS) - set(df.columns)
-    if missing: raise ValueError(f"{path} lacks the columns {sorted(missing)}; it was not written by the image cleaner.")
+    if missing:
+        raise ValueError(f"{path} lacks the columns {sorted(missing)}; it was not written by the image cleaner.")
     for col in ("is_valid", "deleted", "reviewed"):
         df[col] = df[col].astype(str).str.lower().isin(("true", "1"))
+    for row, fname in enumerate(df.fname, start=2):
+        journal.resolve(fname, f"{path}, row {row}: ")
+    df = df.assign(fname=_catch_up(list(df.fname), journal, journal.relative(path)))
     return df[~df.deleted].reset_index(drop=True) if drop_deleted else df
 
-# %% ../nbs/core/10_widgets.ipynb #b93c689d
+# %% ../nbs/core/10_widgets.ipynb #c7074dae
 def most_similar_pairs(features: torch.Tensor, k: int = 50, block_size: int = 256) -> list:
     "The `k` most similar pairs `(i, j, cosine)` with i < j, best first, computed block by block (no N×N matrix)."
     feats = torch.nn.functional.normalize(features.detach().float(), dim=1)
@@ -207,14 +286,17 @@ def most_similar_pairs(features: torch.Tensor, k: int = 50, block_size: int = 25
         sims[torch.arange(n).unsqueeze(0) <= rows] = -float("inf")  # only pairs with j > i
         flat = sims.flatten()
         top = torch.topk(flat, min(k, int((flat > -float("inf")).sum()))) if len(flat) else None
-        if top is None: continue
+        if top is None:
+            continue
         for s, idx in zip(top.values.tolist(), top.indices.tolist()):
             item = (s, start + idx // n, idx % n)
-            if len(best) < k: heapq.heappush(best, item)
-            elif item > best[0]: heapq.heapreplace(best, item)
+            if len(best) < k:
+                heapq.heappush(best, item)
+            elif item > best[0]:
+                heapq.heapreplace(best, item)
     return [(i, j, s) for s, i, j in sorted(best, key=lambda t: (-t[0], t[1], t[2]))]
 
-# %% ../nbs/core/10_widgets.ipynb #c77d755e
+# %% ../nbs/core/10_widgets.ipynb #bcc88758
 def _ordered_loaders(learn, ds_idx):
     "The loaders to look at, unshuffled, with their validity flag: training and validation by default."
     idxs = (0, 1) if ds_idx is None else (ds_idx,)
@@ -247,8 +329,10 @@ def pooled_features(learn, ds_idx=None) -> torch.Tensor:
     try:
         for dl, _ in _ordered_loaders(learn, ds_idx):
             for batch in dl:
-                with learn.autocast(): feats.append(model[1][:2](model[0](batch[0])).float().cpu())
-    finally: model.train(was_training)
+                with learn.autocast():
+                    feats.append(model[1][:2](model[0](batch[0])).float().cpu())
+    finally:
+        model.train(was_training)
     return torch.cat(feats)
 
 def dataset_root(paths, folder_labels: bool) -> Path:
@@ -256,15 +340,25 @@ def dataset_root(paths, folder_labels: bool) -> Path:
     parents = [os.path.abspath(Path(p).parent.parent if folder_labels else Path(p).parent) for p in paths]
     return Path(os.path.commonpath(parents))
 
-# %% ../nbs/core/10_widgets.ipynb #3d5bf01f
+# %% ../nbs/core/10_widgets.ipynb #ee041ff1
 _BORDER = {"deleted": "3px solid #d62728", "relabelled": "3px solid #ff7f0e", "kept": "3px solid #2ca02c",
            "todo": "3px solid #ddd"}
 
 def thumbnail_bytes(path, size: int = 160) -> bytes:
     "A JPEG thumbnail of the image at `path`, at most `size` pixels on its longer side."
     with Image.open(path) as im:
-        im = im.convert("RGB"); im.thumbnail((size, size))
-        buf = io.BytesIO(); im.save(buf, format="JPEG", quality=85)
+        if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(f"too large to show: {im.width}×{im.height} pixels")
+        im = im.convert("RGB")
+        im.thumbnail((size, size))
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+def _placeholder() -> bytes:
+    "A plain grey JPEG, shown in place of a file that cannot be read or decoded."
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 200, 200)).save(buf, format="JPEG")
     return buf.getvalue()
 
 class _Tile:
@@ -278,7 +372,9 @@ class _Tile:
         self.delete_button = widgets.Button(description="Delete", layout=widgets.Layout(width="48%"))
         self.label_box = widgets.Combobox(placeholder="relabel...", ensure_option=False, continuous_update=False,
                                           layout=widgets.Layout(width="98%"))
-        self.keep_button.add_class("ck-keep"); self.delete_button.add_class("ck-delete"); self.label_box.add_class("ck-label")
+        self.keep_button.add_class("ck-keep")
+        self.delete_button.add_class("ck-delete")
+        self.label_box.add_class("ck-label")
         self.keep_button.on_click(lambda _: self.cleaner._decide(self.i, "keep"))
         self.delete_button.on_click(lambda _: self.cleaner._decide(self.i, "delete"))
         self.label_box.observe(self._on_label, names="value")
@@ -288,35 +384,47 @@ class _Tile:
         self.updating = False
 
     def _on_label(self, change):
-        if self.updating or self.i is None: return
+        if self.updating or self.i is None:
+            return
         new = (change["new"] or "").strip()
-        if new and new != self.cleaner.state.labels[self.i]: self.cleaner._decide(self.i, "relabel", new)
-        else: self.show(self.i, self.note)
+        if new and new != self.cleaner.state.labels[self.i]:
+            self.cleaner._decide(self.i, "relabel", new)
+        else:
+            self.show(self.i, self.note)
 
     def show(self, i, note: str = ""):
         self.i, self.note, st = i, note, self.cleaner.state
         self.box.layout.display = "none" if i is None else "flex"
-        if i is None: return
+        if i is None:
+            return
         it, label = st.items[i], st.labels[i]
-        self.image.value = self.cleaner._thumbnail(it.fname)
+        self.image.value, problem = self.cleaner._thumbnail(it.fname)
         status = "deleted" if st.deleted[i] else "relabelled" if label != it.data_label else "kept" if st.reviewed[i] else "todo"
-        lines = [f"<b>{it.data_label}</b>" + (f" &rarr; <b>{label}</b>" if label != it.data_label else "")]
-        if it.pred is not None: lines.append(f"pred <b>{it.pred}</b> {it.prob:.2f} &middot; loss {it.loss:.2f}")
-        if note: lines.append(note)
-        lines.append(f"<span style='color:#888;font-size:smaller' class='ck-fname'>{it.fname}</span>")
+        esc = html.escape
+        lines = [f"<b>{esc(it.data_label)}</b>" + (f" &rarr; <b>{esc(label)}</b>" if label != it.data_label else "")]
+        if it.pred is not None:
+            lines.append(f"pred <b>{esc(str(it.pred))}</b> {it.prob:.2f} &middot; loss {it.loss:.2f}")
+        if note:
+            lines.append(esc(note))
+        if problem:
+            lines.append(f"<span style='color:#d62728' class='ck-problem'>{esc(problem)}</span>")
+        lines.append(f"<span style='color:#888;font-size:smaller' class='ck-fname'>{esc(it.fname)}</span>")
         lines.append(f"<span class='ck-status ck-status-{status}'>{status}</span>")
         self.caption.value = "<div style='line-height:1.25'>" + "<br>".join(lines) + "</div>"
         self.box.layout.border = _BORDER[status]
-        for name in _BORDER: self.box.remove_class(f"ck-{name}")
+        for name in _BORDER:
+            self.box.remove_class(f"ck-{name}")
         self.box.add_class(f"ck-{status}")
         self.keep_button.button_style = "success" if st.reviewed[i] and not st.deleted[i] else ""
         self.delete_button.button_style = "danger" if st.deleted[i] else ""
         self.updating = True
         try:
-            self.label_box.options = tuple(st.classes); self.label_box.value = label
-        finally: self.updating = False
+            self.label_box.options = tuple(st.classes)
+            self.label_box.value = label
+        finally:
+            self.updating = False
 
-# %% ../nbs/core/10_widgets.ipynb #bdebb804
+# %% ../nbs/core/10_widgets.ipynb #f5732dae
 class ImageCleaner:
     "Review images a page at a time: keep, delete or relabel; each decision goes to `cleaned.csv`; `apply()` moves files."
     def __init__(self, state: CleanerState, thumb_size: int = 160):
@@ -336,9 +444,12 @@ class ImageCleaner:
                         (self.next_button, "next"), (self.counter, "counter"), (self.page_label, "page"),
                         (self.apply_button, "apply"), (self.undo_button, "undo"), (self.message, "message")):
             w.add_class(f"ck-{name}")
-        self.class_filter.observe(self._on_filter, names="value"); self.split_filter.observe(self._on_filter, names="value")
-        self.prev_button.on_click(lambda _: self._turn(-1)); self.next_button.on_click(lambda _: self._turn(1))
-        self.apply_button.on_click(lambda _: self.apply()); self.undo_button.on_click(lambda _: self.undo())
+        self.class_filter.observe(self._on_filter, names="value")
+        self.split_filter.observe(self._on_filter, names="value")
+        self.prev_button.on_click(lambda _: self._turn(-1))
+        self.next_button.on_click(lambda _: self._turn(1))
+        self.apply_button.on_click(lambda _: self._run(self.apply))
+        self.undo_button.on_click(lambda _: self._run(self.undo))
         width = max(len(g) for g in state.groups) if state.groups else 1
         self.tiles = [_Tile(self, thumb_size) for _ in range(state.page_size * width)]
         self.grid = widgets.Box([t.box for t in self.tiles], layout=widgets.Layout(display="flex", flex_flow="row wrap"))
@@ -352,30 +463,63 @@ class ImageCleaner:
     def _class_options(self):
         return [("all classes", "")] + [(c, c) for c in sorted({it.data_label for it in self.state.items})]
 
-    def _thumbnail(self, fname: str) -> bytes:
-        if fname not in self._thumbs: self._thumbs[fname] = thumbnail_bytes(self.state.root / fname)
+    def _thumbnail(self, fname: str) -> tuple:
+        "(JPEG bytes, None) for the file's thumbnail; (a grey placeholder, why) when the file cannot be shown."
+        if fname not in self._thumbs:
+            try:
+                self._thumbs[fname] = thumbnail_bytes(self.state.root / fname), None
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+                self._thumbs[fname] = _placeholder(), f"cannot show this file: {err}"
         return self._thumbs[fname]
 
+    def _error(self, err: Exception):
+        self.message.value = f"<span style='color:#d62728'>{html.escape(str(err))}</span>"
+
+    def _stop(self, err: Exception):
+        "Show why this cleaner can no longer change anything, and disable its controls."
+        self._error(err)
+        self.apply_button.disabled = self.undo_button.disabled = True
+        for tile in self.tiles:
+            tile.keep_button.disabled = tile.delete_button.disabled = tile.label_box.disabled = True
+
+    def _run(self, action):
+        "Run a button's `action`; a cleaner that lost its folder says so in the widget."
+        try:
+            action()
+        except (WriterReplacedError, FolderInUseError) as err:
+            self._stop(err)
+
     def _decide(self, i, action, label=None):
-        if i is None: return
-        if action == "keep": self.state.keep(i)
-        elif action == "delete": self.state.delete(i)
-        else:
-            try: self.state.relabel(i, label)
-            except ValueError as err: self.message.value = f"<span style='color:#d62728'>{err}</span>"
+        if i is None:
+            return
+        try:
+            if action == "keep":
+                self.state.keep(i)
+            elif action == "delete":
+                self.state.delete(i)
+            else:
+                self.state.relabel(i, label)
+        except (WriterReplacedError, FolderInUseError) as err:
+            return self._stop(err)
+        except ValueError as err:
+            self._error(err)
         self.refresh()
 
     def _on_filter(self, _):
         self.state.set_filter(label=self.class_filter.value or _ALL, split=self.split_filter.value or _ALL)
         self.refresh()
 
-    def _turn(self, step): self.state.go_to_page(self.state.page + step); self.refresh()
+    def _turn(self, step):
+        self.state.go_to_page(self.state.page + step)
+        self.refresh()
 
     def refresh(self):
         "Redraw the page, the counters and the buttons from the state."
         st, shown = self.state, []
-        for g in st.page_groups(): shown += [(i, st.notes[g]) for i in st.groups[g]]
-        for k, tile in enumerate(self.tiles): tile.show(*(shown[k] if k < len(shown) else (None, "")))
+        for g in st.page_groups():
+            shown += [(i, st.notes[g]) for i in st.groups[g]]
+        for k, tile in enumerate(self.tiles):
+            tile.show(*(shown[k] if k < len(shown) else (None, "")))
         st_visible = len(st.visible_groups())
         self.page_label.value = f"page {st.page + 1} of {st.n_pages} ({st_visible} shown)"
         self.counter.value = f"{st.n_reviewed} of {len(st.items)} reviewed"
@@ -384,33 +528,45 @@ class ImageCleaner:
     def apply(self) -> dict:
         "Move deleted files to the trash and relabelled files to their class folder (see `CleanerState.apply`)."
         moved = self.state.apply()
-        self.message.value = f"Applied: moved {len(moved)} files; journal in {self.state.journal.path}"
-        self.refresh(); return moved
+        self.message.value = html.escape(f"Applied: moved {len(moved)} files; journal in {self.state.journal.path}")
+        self.refresh()
+        return moved
 
     def undo(self) -> dict:
         "Reverse the last `apply()`."
         restored = self.state.undo()
         self.message.value = f"Undone: moved {len(restored)} files back"
-        self.refresh(); return restored
+        self.refresh()
+        return restored
 
-    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+    def close(self):
+        "Let go of the dataset folder (another notebook may then open a cleaner on it); this one stops changing anything."
+        self.state.close()
+        self._stop(WriterReplacedError(f"This image cleaner on {self.state.root} was closed; open a new one to go on."))
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
 
     # --- ways to open it ------------------------------------------------------------------------
     @classmethod
     def from_folder(cls, path, label_func=None, valid_name: str = "valid", page_size: int = 12, thumb_size: int = 160):
         "Every image under `path`; label = its folder name (or `label_func(path)`), valid when a parent folder is `valid_name`."
         path = Path(path)
-        files = get_image_files(path)
-        if not files: raise FileNotFoundError(f"No images under {path}: check the path (images need an extension such as .jpg).")
-        items = [CleanerItem(f.relative_to(path).as_posix(), label_func(f) if label_func else f.parent.name,
-                             valid_name in f.relative_to(path).parts[:-1]) for f in files]
+
+        def items():  # listed once the folder is claimed and any interrupted apply() or undo() finished
+            files = get_image_files(path)
+            if not files:
+                raise FileNotFoundError(f"No images under {path}: check the path (images need an extension such as .jpg).")
+            return [CleanerItem(f.relative_to(path).as_posix(), label_func(f) if label_func else f.parent.name,
+                                valid_name in f.relative_to(path).parts[:-1]) for f in files]
         return cls(CleanerState(path, items, folder_labels=label_func is None, page_size=page_size), thumb_size)
 
     @classmethod
     def from_df(cls, df, path, fn_col="fname", label_col="label", valid_col=None, page_size: int = 12, thumb_size: int = 160):
         "The rows of a DataFrame: file names relative to `path` in `fn_col`, labels in `label_col`, validity in `valid_col`."
         for col in (fn_col, label_col) + ((valid_col,) if valid_col else ()):
-            if col not in df.columns: raise KeyError(f"The DataFrame has no column {col!r}; its columns are {list(df.columns)}.")
+            if col not in df.columns:
+                raise KeyError(f"The DataFrame has no column {col!r}; its columns are {list(df.columns)}.")
         valid = df[valid_col].astype(bool) if valid_col else [False] * len(df)
         items = [CleanerItem(str(f), str(lbl), bool(v)) for f, lbl, v in zip(df[fn_col], df[label_col], valid)]
         return cls(CleanerState(path, items, folder_labels=False, page_size=page_size), thumb_size)
@@ -437,7 +593,7 @@ class ImageCleaner:
                              notes=[f"similarity {s:.3f}" for _, _, s in pairs], folder_labels=folder_labels, page_size=page_size)
         return cls(state, thumb_size)
 
-# %% ../nbs/core/10_widgets.ipynb #5ac8e177
+# %% ../nbs/core/10_widgets.ipynb #c41e6123
 class ConfusionMatrixWidget:
     "A confusion matrix whose cells show their images (probability, loss) and open them in the image cleaner."
     def __init__(self, interp, root=None, max_images: int = 24, thumb_size: int = 110, page_size: int = 12):
@@ -460,9 +616,9 @@ class ConfusionMatrixWidget:
         n, top = len(self.vocab), max(1, int(self.matrix.max()))
         cells = [widgets.HTML("<i>actual \\ predicted</i>", layout=widgets.Layout(grid_row="1", grid_column="1"))]
         for k, name in enumerate(self.vocab):
-            cells.append(widgets.HTML(f"<div style='writing-mode:vertical-rl;font-size:11px'>{name}</div>",
+            cells.append(widgets.HTML(f"<div style='writing-mode:vertical-rl;font-size:11px'>{html.escape(str(name))}</div>",
                                       layout=widgets.Layout(grid_row="1", grid_column=str(k + 2))))
-            cells.append(widgets.HTML(f"<span style='font-size:11px'>{name}</span>",
+            cells.append(widgets.HTML(f"<span style='font-size:11px'>{html.escape(str(name))}</span>",
                                       layout=widgets.Layout(grid_row=str(k + 2), grid_column="1")))
         for a, p in self.matrix.nonzero().tolist():
             count = int(self.matrix[a, p])
@@ -482,14 +638,14 @@ class ConfusionMatrixWidget:
         "Show the images of class `actual` predicted as `predicted`, highest loss first; returns their indices."
         idxs = ((self.targs == actual) & (self.decoded == predicted)).nonzero().flatten().tolist()
         self.selected = sorted(idxs, key=lambda i: -self.losses[i].item())
-        self.title.value = (f"<b>{len(idxs)}</b> images of <b>{self.vocab[actual]}</b> predicted as "
-                            f"<b>{self.vocab[predicted]}</b>" + (f" (the {self.max_images} worst shown)"
+        self.title.value = (f"<b>{len(idxs)}</b> images of <b>{html.escape(str(self.vocab[actual]))}</b> predicted as "
+                            f"<b>{html.escape(str(self.vocab[predicted]))}</b>" + (f" (the {self.max_images} worst shown)"
                                                                  if len(idxs) > self.max_images else ""))
         tiles = []
         for i in self.selected[:self.max_images]:
             p = int(self.decoded[i])
             img = widgets.Image(value=thumbnail_bytes(self.paths[i], self.thumb_size), format="jpeg")
-            text = widgets.HTML(f"<small>{self.paths[i].name}<br>prob {self.probs[i, p].item():.2f} &middot; "
+            text = widgets.HTML(f"<small>{html.escape(self.paths[i].name)}<br>prob {self.probs[i, p].item():.2f} &middot; "
                                 f"loss {self.losses[i].item():.2f}</small>")
             tiles.append(widgets.VBox([img, text], layout=widgets.Layout(margin="2px")))
         self.gallery.children = tiles
@@ -507,7 +663,9 @@ class ConfusionMatrixWidget:
                              page_size=self.page_size)
         self.cleaner = ImageCleaner(state, self.thumb_size)
         self.output.clear_output()
-        with self.output: display(self.cleaner.widget)
+        with self.output:
+            display(self.cleaner.widget)
         return self.cleaner
 
-    def _repr_mimebundle_(self, **kwargs): return self.widget._repr_mimebundle_(**kwargs)
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)

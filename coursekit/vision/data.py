@@ -9,7 +9,7 @@ __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_fi
            'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms', 'Normalize',
            'NameLabeller', 'keep_decodable', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #d37189f9
+# %% ../../nbs/lessons/01_pets_data.ipynb #6e5e30f7
 import math
 import re
 import warnings
@@ -31,7 +31,7 @@ from ..data.core import (ColReader, ColSplitter, CategoryBlock, DataBlock, DataL
                                  Transform, TransformBlock, parent_label, show_image)
 from ..losses import CrossEntropyLossFlat
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #3aaaf3e2
+# %% ../../nbs/lessons/01_pets_data.ipynb #bba3743d
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = None) -> list:
@@ -51,7 +51,7 @@ def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = 
                 found.append(file)
     return sorted(found)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #379cebbd
+# %% ../../nbs/lessons/01_pets_data.ipynb #872e1019
 def _to_chw(x) -> torch.Tensor:
     "A PIL image, HWC/HW array or CHW/HW tensor as a uint8 CHW tensor."
     if isinstance(x, Image.Image):
@@ -130,8 +130,9 @@ def load_mask(o, max_pixels: int | None | str = "default") -> torch.Tensor:
             raise _add_decode_note(err, o)
         if x.shape[0] != 1:
             with Image.open(o) as im:
-                if im.mode not in ("P", "L"): raise ValueError(f"The mask {o} has {x.shape[0]} channels (mode {im.mode}): "
-                                                                "a mask must hold one class index per pixel.")
+                if im.mode not in ("P", "L"):
+                    raise ValueError(f"The mask {o} has {x.shape[0]} channels (mode {im.mode}): "
+                                     "a mask must hold one class index per pixel.")
                 x = torch.from_numpy(np.asarray(im).copy())[None]
         return x[0]
     if isinstance(o, Image.Image):
@@ -151,7 +152,7 @@ def can_decode(path) -> bool:
     except (RuntimeError, ValueError, OSError):
         return False
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #471bb49e
+# %% ../../nbs/lessons/01_pets_data.ipynb #fa8d605a
 @exportable
 class MaskToLong(Transform):
     "Batch transform: masks (uint8 class indices) -> int64, as losses and metrics expect."
@@ -206,7 +207,7 @@ class MaskBlock(TransformBlock):
     def state(self):
         return {"codes": self.codes}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #15c4900e
+# %% ../../nbs/lessons/01_pets_data.ipynb #dc45f3af
 def _hw(size) -> tuple:
     "(height, width) from an int or a pair."
     if isinstance(size, int):
@@ -217,8 +218,9 @@ def _hw(size) -> tuple:
 def _spatial_size(sample, kinds) -> tuple | None:
     "(H, W) shared by the images and masks of a sample (or a batch); None when it has neither."
     sizes = {tuple(x.shape[-2:]) for x, k in zip(sample, kinds) if k in ("image", "mask")}
-    if len(sizes) > 1: raise ValueError(f"The images and masks of one sample differ in size: {sorted(sizes)}. "
-                                        "Each mask must have its image's height and width.")
+    if len(sizes) > 1:
+        raise ValueError(f"The images and masks of one sample differ in size: {sorted(sizes)}. "
+                         "Each mask must have its image's height and width.")
     return sizes.pop() if sizes else None
 
 def _resize(x: torch.Tensor, kind: str, hw: tuple) -> torch.Tensor:
@@ -335,7 +337,7 @@ class RandomResizedCrop(Transform):
     def state(self):
         return {"size": list(self.size), "min_scale": self.min_scale, "ratio": list(self.ratio)}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #8d3aa80c
+# %% ../../nbs/lessons/01_pets_data.ipynb #77590efd
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.empty(n, device=device).uniform_(low, high) if high > low else torch.full((n,), float(low), device=device)
 
@@ -467,7 +469,7 @@ def aug_transforms(size=None, min_scale: float = 1.0, do_flip: bool = True, flip
         tfms.append(Lighting(max_lighting, p_lighting))
     return tfms
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #ffb7e6d5
+# %% ../../nbs/lessons/01_pets_data.ipynb #92c5f513
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 @exportable
@@ -509,7 +511,7 @@ class Normalize(Transform):
     def state(self):
         return {"mean": self.mean, "std": self.std}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #cc82f4a2
+# %% ../../nbs/lessons/01_pets_data.ipynb #ab9dbd80
 class NameLabeller:
     "Apply `labeller` to an item's file name only (`Path(item).name`), as `from_name_re` does."
     def __init__(self, labeller: Callable):
@@ -517,7 +519,7 @@ class NameLabeller:
     def __call__(self, o):
         return self.labeller(Path(o).name)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #1a91fac2
+# %% ../../nbs/lessons/01_pets_data.ipynb #84dc739a
 def keep_decodable(files: Sequence, warn: bool = True) -> list:
     "The files that `load_image` can decode; warns about (and leaves out) the others."
     files = list(files)

@@ -9,7 +9,7 @@ __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_fi
            'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms', 'Normalize',
            'NameLabeller', 'keep_decodable', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #6e5e30f7
+# %% ../../nbs/lessons/01_pets_data.ipynb #91607e11
 import math
 import re
 import warnings
@@ -31,7 +31,7 @@ from ..data.core import (ColReader, ColSplitter, CategoryBlock, DataBlock, DataL
                                  Transform, TransformBlock, parent_label, show_image)
 from ..losses import CrossEntropyLossFlat
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #bba3743d
+# %% ../../nbs/lessons/01_pets_data.ipynb #774138cb
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = None) -> list:
@@ -51,7 +51,7 @@ def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = 
                 found.append(file)
     return sorted(found)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #872e1019
+# %% ../../nbs/lessons/01_pets_data.ipynb #21618eea
 def _to_chw(x) -> torch.Tensor:
     "A PIL image, HWC/HW array or CHW/HW tensor as a uint8 CHW tensor."
     if isinstance(x, Image.Image):
@@ -152,7 +152,7 @@ def can_decode(path) -> bool:
     except (RuntimeError, ValueError, OSError):
         return False
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #fa8d605a
+# %% ../../nbs/lessons/01_pets_data.ipynb #e8650360
 @exportable
 class MaskToLong(Transform):
     "Batch transform: masks (uint8 class indices) -> int64, as losses and metrics expect."
@@ -207,7 +207,7 @@ class MaskBlock(TransformBlock):
     def state(self):
         return {"codes": self.codes}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #dc45f3af
+# %% ../../nbs/lessons/01_pets_data.ipynb #2415e5e2
 def _hw(size) -> tuple:
     "(height, width) from an int or a pair."
     if isinstance(size, int):
@@ -337,7 +337,7 @@ class RandomResizedCrop(Transform):
     def state(self):
         return {"size": list(self.size), "min_scale": self.min_scale, "ratio": list(self.ratio)}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #77590efd
+# %% ../../nbs/lessons/01_pets_data.ipynb #0e1f187b
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.empty(n, device=device).uniform_(low, high) if high > low else torch.full((n,), float(low), device=device)
 
@@ -410,11 +410,11 @@ class AffineAugment(Transform):
         warp = _chance(n, self.p_affine, device)[:, None] * _uniform(2 * n, -self.max_warp, self.max_warp, device).view(n, 2)
         aspect = out_hw[1] / out_hw[0]          # rotate in pixel units, not in the squashed [-1, 1] square
         cos, sin = angle.cos() / zoom, angle.sin() / zoom
-        m = torch.eye(3, device=device).repeat(n, 1, 1)
-        m[:, 0, 0], m[:, 0, 1] = cos * flip_x, -sin / aspect * flip_y
-        m[:, 1, 0], m[:, 1, 1] = sin * aspect * flip_x, cos * flip_y
-        m[:, 2, 0], m[:, 2, 1] = warp[:, 0], warp[:, 1]
-        return crop @ m
+        affine = torch.eye(3, device=device).repeat(n, 1, 1)
+        affine[:, 0, 0], affine[:, 0, 1] = cos * flip_x, -sin / aspect * flip_y
+        affine[:, 1, 0], affine[:, 1, 1] = sin * aspect * flip_x, cos * flip_y
+        affine[:, 2, 0], affine[:, 2, 1] = warp[:, 0], warp[:, 1]
+        return crop @ affine
 
     def __call__(self, batch, kinds, training):
         hw = _spatial_size(batch, kinds)
@@ -469,7 +469,7 @@ def aug_transforms(size=None, min_scale: float = 1.0, do_flip: bool = True, flip
         tfms.append(Lighting(max_lighting, p_lighting))
     return tfms
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #92c5f513
+# %% ../../nbs/lessons/01_pets_data.ipynb #b1cc2c3f
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 @exportable
@@ -478,7 +478,7 @@ class Normalize(Transform):
     order = 99
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
-        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.mean, self.std = [float(value) for value in mean], [float(value) for value in std]
         if len(self.mean) != len(self.std):
             raise ValueError(f"mean and std need one value per channel: {self.mean}, {self.std}")
 
@@ -511,7 +511,7 @@ class Normalize(Transform):
     def state(self):
         return {"mean": self.mean, "std": self.std}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #ab9dbd80
+# %% ../../nbs/lessons/01_pets_data.ipynb #85be9c2a
 class NameLabeller:
     "Apply `labeller` to an item's file name only (`Path(item).name`), as `from_name_re` does."
     def __init__(self, labeller: Callable):
@@ -519,7 +519,7 @@ class NameLabeller:
     def __call__(self, o):
         return self.labeller(Path(o).name)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #84dc739a
+# %% ../../nbs/lessons/01_pets_data.ipynb #b56ec15b
 def keep_decodable(files: Sequence, warn: bool = True) -> list:
     "The files that `load_image` can decode; warns about (and leaves out) the others."
     files = list(files)

@@ -8,7 +8,7 @@ __all__ = ['efficientnet_lite_stats', 'BACKBONES', 'Backbone', 'get_backbone', '
            'stage_channels', 'AdaptiveConcatPool2d', 'create_head', 'cnn_model', 'cnn_splitter', 'cnn_features',
            'check_normalization', 'learner_path', 'cnn_learner']
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #04f4f61d
+# %% ../../nbs/lessons/01_pets_lib.ipynb #9abc9380
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,7 +25,7 @@ from ..data.external import seed_weights_cache
 from ..learner import Learner
 from .data import Normalize, imagenet_stats
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #58586170
+# %% ../../nbs/lessons/01_pets_lib.ipynb #3abe4b13
 @dataclass(frozen=True)
 class Backbone:
     "A pretrained encoder: how to build its stages, and the input statistics its weights expect."
@@ -35,7 +35,7 @@ class Backbone:
     source: str            # where its weights come from, for error messages and the docs
     train_bn: bool = True  # whether batch-norm layers of the frozen body keep adapting (see cnn_learner)
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #aa358c80
+# %% ../../nbs/lessons/01_pets_lib.ipynb #5c1be5b5
 def _load_torchvision(builder, weights_enum, pretrained: bool):
     "A torchvision model, with its DEFAULT ImageNet weights when `pretrained` (seeded from the mirror if offline)."
     if not pretrained:
@@ -60,7 +60,7 @@ def _resnet_stages(builder, weights_enum):
                 resnet.layer2, resnet.layer3, resnet.layer4]
     return make_stages
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #350c4e6d
+# %% ../../nbs/lessons/01_pets_lib.ipynb #2c7de7a7
 efficientnet_lite_stats = ([0.498, 0.498, 0.498], [0.502, 0.502, 0.502])
 
 def _efficientnet_lite0_stages(pretrained: bool):
@@ -76,7 +76,7 @@ def _efficientnet_lite0_stages(pretrained: bool):
             nn.Sequential(*blocks[5:11]),                                     # stride 16, 112
             nn.Sequential(*blocks[11:], net._conv_head, net._bn1, nn.ReLU6())]  # stride 32, 1280
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #1113ab30
+# %% ../../nbs/lessons/01_pets_lib.ipynb #609a3d7e
 _tv = torchvision.models
 BACKBONES = {
     "resnet18": Backbone("resnet18", _resnet_stages(_tv.resnet18, _tv.ResNet18_Weights), imagenet_stats, "torchvision"),
@@ -117,7 +117,7 @@ def stage_channels(body: nn.Sequential, size: int = 64) -> list:
     body.train(was_training)
     return channels
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #3a426f04
+# %% ../../nbs/lessons/01_pets_lib.ipynb #2573c29a
 class AdaptiveConcatPool2d(nn.Module):
     "Max pooling and average pooling to `size`, concatenated along the channels."
     def __init__(self, size: int = 1):
@@ -128,7 +128,7 @@ class AdaptiveConcatPool2d(nn.Module):
     def forward(self, x):
         return torch.cat([self.max_pool(x), self.avg_pool(x)], dim=1)
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #d1f1d787
+# %% ../../nbs/lessons/01_pets_lib.ipynb #b2b79f07
 def create_head(n_features: int, n_out: int, lin_ftrs: list | None = None, ps: float = 0.5,
                 concat_pool: bool = True) -> nn.Sequential:
     "Pool, flatten, then [BatchNorm, Dropout, Linear, ReLU] blocks ending in `n_out` scores."
@@ -142,7 +142,7 @@ def create_head(n_features: int, n_out: int, lin_ftrs: list | None = None, ps: f
             layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #767bcdd9
+# %% ../../nbs/lessons/01_pets_lib.ipynb #a0f7f174
 @exportable
 def cnn_model(arch: str, n_out: int, pretrained: bool = False, concat_pool: bool = True, ps: float = 0.5,
               lin_ftrs: list | None = None) -> nn.Sequential:
@@ -155,7 +155,7 @@ def cnn_splitter(model: nn.Sequential) -> list:
     body, head = model[0], model[1]
     return [list(body[:3].parameters()), list(body[3:].parameters()), list(head.parameters())]
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #5c05c85e
+# %% ../../nbs/lessons/01_pets_lib.ipynb #77fbe245
 def cnn_features(model: nn.Sequential, xb: torch.Tensor) -> torch.Tensor:
     "Pooled features (N, F) of the images `xb` from a `cnn_model`: the body, then the head's pooling and flatten."
     if not (isinstance(model, nn.Sequential) and len(model) == 2 and isinstance(model[1], nn.Sequential)
@@ -166,7 +166,7 @@ def cnn_features(model: nn.Sequential, xb: torch.Tensor) -> torch.Tensor:
     pool, flatten = head[0], head[1]
     return flatten(pool(body(xb)))
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #8f66fe1b
+# %% ../../nbs/lessons/01_pets_lib.ipynb #bc6c7ad8
 def _stats_close(a, b) -> bool:
     "True when two lists of per-channel statistics agree to 1e-3."
     return len(a) == len(b) and all(abs(x - y) < 1e-3 for x, y in zip(a, b))
@@ -174,7 +174,7 @@ def _stats_close(a, b) -> bool:
 def check_normalization(dls, arch: str):
     "Add the backbone's `Normalize` to `dls` when it has none; refuse statistics that differ from the backbone's."
     mean, std = backbone_stats(arch)
-    found = [t for t in dls.train.batch_tfms if isinstance(t, Normalize)]
+    found = [tfm for tfm in dls.train.batch_tfms if isinstance(tfm, Normalize)]
     if not found:
         for dl in dls:
             dl.batch_tfms = sort_transforms([*dl.batch_tfms, Normalize.from_stats(mean, std)])
@@ -185,7 +185,7 @@ def check_normalization(dls, arch: str):
                          f"Normalize.from_stats(*backbone_stats({arch!r})) in batch_tfms (or leave Normalize out "
                          "and cnn_learner adds the right one).")
 
-# %% ../../nbs/lessons/01_pets_lib.ipynb #f8ec04b6
+# %% ../../nbs/lessons/01_pets_lib.ipynb #03c1b21b
 def learner_path(dls, path=None) -> Path:
     "Where a learner on `dls` saves: `path` if given, else the DataLoaders' folder `dls.path`, else the current folder."
     if path is not None:

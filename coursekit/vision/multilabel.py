@@ -8,7 +8,7 @@ stand-in for the Planet data. It exports `coursekit.vision.multilabel`."""
 __all__ = ['PLANET_TAGS', 'accuracy_multi', 'fbeta_multi', 'FBetaMulti', 'find_best_threshold', 'predict_tags', 'tags_from_masks',
            'standin_chip', 'make_planet_standin', 'register_planet_standin']
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #90ab23c2
+# %% ../../nbs/lessons/02_planet_lib.ipynb #8e9a78e1
 import math
 from pathlib import Path
 
@@ -20,14 +20,14 @@ from PIL import Image
 
 from ..data.external import register_standin
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #dab67a34
+# %% ../../nbs/lessons/02_planet_lib.ipynb #fceb8761
 def accuracy_multi(preds, targs, thresh: float = 0.5, sigmoid: bool = True) -> torch.Tensor:
     "Share of (item, tag) pairs decided right, a tag being on when its probability (sigmoid of `preds`) exceeds `thresh`."
     if sigmoid:
         preds = torch.sigmoid(preds.float())
     return ((preds > thresh) == targs.bool()).float().mean()
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #7422eece
+# %% ../../nbs/lessons/02_planet_lib.ipynb #e8161eec
 def fbeta_multi(preds, targs, beta: float = 2, thresh: float = 0.2, average: str = "samples",
                 sigmoid: bool = True) -> float:
     "F-beta of the tags above `thresh`, averaged over items ('samples', Planet's F2) or tags ('macro'), or pooled ('micro')."
@@ -66,7 +66,7 @@ class FBetaMulti:
             return math.nan
         return fbeta_multi(torch.cat(self.preds), torch.cat(self.targs), self.beta, self.thresh, self.average, self.sigmoid)
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #e483db01
+# %% ../../nbs/lessons/02_planet_lib.ipynb #d6a32ff4
 def find_best_threshold(learn_or_probs, targs=None, beta: float = 2, average: str = "samples",
                         thresholds=None, plot: bool = True, ax=None) -> tuple:
     "(threshold, score) maximising F-beta on the validation set (a Learner, or probabilities and targets); plots the curve."
@@ -77,7 +77,7 @@ def find_best_threshold(learn_or_probs, targs=None, beta: float = 2, average: st
     else:
         probs = learn_or_probs
     thresholds = np.arange(0.02, 0.98, 0.01) if thresholds is None else np.asarray(thresholds)
-    scores = np.array([fbeta_multi(probs, targs, beta, float(t), average, sigmoid=False) for t in thresholds])
+    scores = np.array([fbeta_multi(probs, targs, beta, float(threshold), average, sigmoid=False) for threshold in thresholds])
     best = int(scores.argmax())
     if plot:
         ax = ax if ax is not None else plt.subplots(figsize=(5, 3))[1]
@@ -88,14 +88,14 @@ def find_best_threshold(learn_or_probs, targs=None, beta: float = 2, average: st
         ax.set_title(f"best F{beta:g} {scores[best]:.3f} at threshold {thresholds[best]:.2f}")
     return float(thresholds[best]), float(scores[best])
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #0e8f5a30
+# %% ../../nbs/lessons/02_planet_lib.ipynb #e23fa980
 def predict_tags(learn, item, thresh: float = 0.5) -> list:
     "The tags `learn` sees in `item` with probability above `thresh`, as (tag, probability) pairs, most likely first."
     probs = learn.predict(item)[2]
     pairs = [(str(tag), float(p)) for tag, p in zip(learn.dls.vocab, probs) if p > thresh]
     return sorted(pairs, key=lambda pair: -pair[1])
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #5c927f3a
+# %% ../../nbs/lessons/02_planet_lib.ipynb #e5adf2f2
 def tags_from_masks(mask_files, codes, min_share: float = 0.01, ignore=("Unlabelled", "Void"),
                     name_suffix: str = "_P") -> pd.DataFrame:
     "Planet-style `image_name,tags` table: each image tagged with the classes covering >= `min_share` of its mask."
@@ -107,7 +107,7 @@ def tags_from_masks(mask_files, codes, min_share: float = 0.01, ignore=("Unlabel
         rows.append({"image_name": Path(f).stem.removesuffix(name_suffix), "tags": " ".join(tags)})
     return pd.DataFrame(rows)
 
-# %% ../../nbs/lessons/02_planet_lib.ipynb #976c7d1d
+# %% ../../nbs/lessons/02_planet_lib.ipynb #e4dff348
 PLANET_TAGS = ["agriculture", "artisinal_mine", "bare_ground", "blooming", "blow_down", "clear", "cloudy",
                "conventional_mine", "cultivation", "habitation", "haze", "partly_cloudy", "primary", "road",
                "selective_logging", "slash_burn", "water"]

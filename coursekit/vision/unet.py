@@ -8,7 +8,7 @@ U-Net's decoder step, `DynamicUnet` and `unet_learner`, each with its tests. It 
 __all__ = ['icnr_', 'conv_layer', 'PixelShuffleICNR', 'SelfAttention', 'UnetBlock', 'stage_strides', 'DynamicUnet', 'unet_model',
            'unet_splitter', 'unet_learner']
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #9ddaae3d
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #05bf2bce
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +17,7 @@ from ..core import exportable, exportable_spec
 from ..learner import Learner
 from .learner import body_stages, check_normalization, create_body, get_backbone, learner_path
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #90d5b814
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #17d59419
 def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) -> torch.Tensor:
     "Initialise, in place, a conv weight feeding `PixelShuffle(scale)` so that each output block starts as one repeated value."
     out_ch, in_ch, kh, kw = weight.shape
@@ -49,7 +49,7 @@ class PixelShuffleICNR(nn.Module):
     def forward(self, x):
         return self.blur(self.shuffle(F.relu(self.conv(x))))
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #f2658834
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #7d48c2e2
 class SelfAttention(nn.Module):
     "Self-attention over the positions of a feature map (SAGAN); the identity at initialisation (`gamma = 0`)."
     def __init__(self, n_channels: int):
@@ -65,7 +65,7 @@ class SelfAttention(nn.Module):
         weights = F.softmax(torch.bmm(self.query(flat).transpose(1, 2), self.key(flat)), dim=1)  # (hw, hw)
         return (self.gamma * torch.bmm(self.value(flat), weights) + flat).reshape(n, c, h, w)
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #231d4cf2
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #8c1b6b2c
 class UnetBlock(nn.Module):
     "One decoder step: upsample the deeper features, join the encoder's skip features, two convolutions (then attention)."
     def __init__(self, up_in_c: int, skip_c: int, out_c: int | None = None, blur: bool = False,
@@ -88,7 +88,7 @@ class UnetBlock(nn.Module):
 @torch.no_grad()
 def stage_strides(stages, probe_size: int = 128) -> list:
     "(stride, channels) of each stage's output, found by passing one dummy image through the stages in eval mode."
-    modes = [s.training for s in stages]
+    modes = [stage.training for stage in stages]
     x, out = torch.zeros(1, 3, probe_size, probe_size, device=next(stages[0].parameters()).device), []
     for stage in stages:
         stage.eval()
@@ -105,10 +105,10 @@ class DynamicUnet(nn.Module):
         self.encoder = nn.ModuleList(stages)
         info = stage_strides(self.encoder)
         if info[-1][0] != 32:
-            raise ValueError(f"The encoder must end at stride 32; its stages reach strides {[s for s, _ in info]}.")
+            raise ValueError(f"The encoder must end at stride 32; its stages reach strides {[stride for stride, _ in info]}.")
         # the skip at each resolution comes from the last stage producing it, deepest first
-        self.skip_idxs = [max(i for i, (s, _) in enumerate(info) if s == stride)
-                          for stride in (16, 8, 4, 2) if any(s == stride for s, _ in info)]
+        last_stage_at = {stride: i for i, (stride, _) in enumerate(info)}   # a later stage overwrites an earlier one
+        self.skip_idxs = [last_stage_at[stride] for stride in (16, 8, 4, 2) if stride in last_stage_at]
         ni = info[-1][1]
         self.middle = nn.Sequential(conv_layer(ni, ni // 2), conv_layer(ni // 2, ni // 2))
         blocks, up_c = [], ni // 2
@@ -142,7 +142,7 @@ class DynamicUnet(nn.Module):
             hidden = torch.cat([hidden, x], dim=1)
         return self.head(self.final(hidden))
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #ad7c0164
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #a630de3b
 @exportable
 def unet_model(arch: str, n_out: int, pretrained: bool = False, self_attention: bool = False,
                blur: bool = False) -> DynamicUnet:
@@ -155,7 +155,7 @@ def unet_splitter(model: DynamicUnet) -> list:
     return [list(model.encoder[:3].parameters()), list(model.encoder[3:].parameters()),
             [p for p in model.parameters() if id(p) not in encoder_ids]]
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #5624a596
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #fa61fbd4
 def unet_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = True, n_out: int | None = None,
                  loss_func=None, lr: float = 1e-3, wd: float | None = None, self_attention: bool = False,
                  blur: bool = False, train_bn: bool | None = None, cbs=None, path=None) -> Learner:

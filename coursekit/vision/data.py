@@ -9,7 +9,7 @@ __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_fi
            'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms', 'Normalize',
            'NameLabeller', 'keep_decodable', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #91607e11
+# %% ../../nbs/lessons/01_pets_data.ipynb #651eea8d
 import math
 import re
 import warnings
@@ -31,7 +31,7 @@ from ..data.core import (ColReader, ColSplitter, CategoryBlock, DataBlock, DataL
                                  Transform, TransformBlock, parent_label, show_image)
 from ..losses import CrossEntropyLossFlat
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #774138cb
+# %% ../../nbs/lessons/01_pets_data.ipynb #a65fa3e4
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = None) -> list:
@@ -51,7 +51,7 @@ def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = 
                 found.append(file)
     return sorted(found)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #21618eea
+# %% ../../nbs/lessons/01_pets_data.ipynb #e1e70d98
 def _to_chw(x) -> torch.Tensor:
     "A PIL image, HWC/HW array or CHW/HW tensor as a uint8 CHW tensor."
     if isinstance(x, Image.Image):
@@ -152,11 +152,12 @@ def can_decode(path) -> bool:
     except (RuntimeError, ValueError, OSError):
         return False
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #e8650360
+# %% ../../nbs/lessons/01_pets_data.ipynb #03053128
 @exportable
 class MaskToLong(Transform):
     "Batch transform: masks (uint8 class indices) -> int64, as losses and metrics expect."
     order = 5
+
     def __call__(self, sample, kinds, training):
         return tuple(x.long() if k == "mask" else x for x, k in zip(sample, kinds))
 
@@ -165,12 +166,16 @@ class ImageBlock(TransformBlock):
     "An RGB image, from a path, PIL image, array or tensor: a uint8 tensor (3, H, W); floats in [0, 1] on the device."
     kind = "image"
     batch_tfms = (IntToFloat(),)
+
     def encode(self, value):
         return load_image(value)
+
     def decode(self, t):
         return t
+
     def label(self, t):
         return ""
+
     def show(self, t, ax):
         show_image(t, ax)
         return ""
@@ -180,20 +185,27 @@ class MaskBlock(TransformBlock):
     "A segmentation mask of class indices into `codes`: a uint8 tensor (H, W), int64 on the device."
     kind = "mask"
     batch_tfms = (MaskToLong(),)
+
     def __init__(self, codes: Sequence[str] | None = None):
         self.codes = None if codes is None else [str(c) for c in codes]
+
     @property
     def vocab(self):
         return self.codes
+
     @property
     def c(self):
         return None if self.codes is None else len(self.codes)
+
     def encode(self, value):
         return load_mask(value)
+
     def decode(self, t):
         return t
+
     def label(self, t):
         return ""
+
     def show(self, t, ax):
         "Overlay the mask on whatever `ax` already shows (the image), half transparent."
         t = torch.as_tensor(t).detach().cpu()
@@ -202,12 +214,14 @@ class MaskBlock(TransformBlock):
         ax.set_xticks([])
         ax.set_yticks([])
         return ""
+
     def loss_func(self):
         return CrossEntropyLossFlat(axis=1)
+
     def state(self):
         return {"codes": self.codes}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #2415e5e2
+# %% ../../nbs/lessons/01_pets_data.ipynb #99e13918
 def _hw(size) -> tuple:
     "(height, width) from an int or a pair."
     if isinstance(size, int):
@@ -337,7 +351,7 @@ class RandomResizedCrop(Transform):
     def state(self):
         return {"size": list(self.size), "min_scale": self.min_scale, "ratio": list(self.ratio)}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #0e1f187b
+# %% ../../nbs/lessons/01_pets_data.ipynb #ae93c839
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.empty(n, device=device).uniform_(low, high) if high > low else torch.full((n,), float(low), device=device)
 
@@ -469,7 +483,7 @@ def aug_transforms(size=None, min_scale: float = 1.0, do_flip: bool = True, flip
         tfms.append(Lighting(max_lighting, p_lighting))
     return tfms
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #b1cc2c3f
+# %% ../../nbs/lessons/01_pets_data.ipynb #e502a432
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 @exportable
@@ -511,15 +525,16 @@ class Normalize(Transform):
     def state(self):
         return {"mean": self.mean, "std": self.std}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #85be9c2a
+# %% ../../nbs/lessons/01_pets_data.ipynb #89071d3a
 class NameLabeller:
     "Apply `labeller` to an item's file name only (`Path(item).name`), as `from_name_re` does."
     def __init__(self, labeller: Callable):
         self.labeller = labeller
+
     def __call__(self, o):
         return self.labeller(Path(o).name)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #b56ec15b
+# %% ../../nbs/lessons/01_pets_data.ipynb #cf18ab60
 def keep_decodable(files: Sequence, warn: bool = True) -> list:
     "The files that `load_image` can decode; warns about (and leaves out) the others."
     files = list(files)

@@ -9,7 +9,7 @@ __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_fi
            'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms', 'Normalize',
            'NameLabeller', 'keep_decodable', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #651eea8d
+# %% ../../nbs/lessons/01_pets_data.ipynb #d3120907
 import math
 import re
 import warnings
@@ -31,7 +31,7 @@ from ..data.core import (ColReader, ColSplitter, CategoryBlock, DataBlock, DataL
                                  Transform, TransformBlock, parent_label, show_image)
 from ..losses import CrossEntropyLossFlat
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #a65fa3e4
+# %% ../../nbs/lessons/01_pets_data.ipynb #04ab73d7
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 
 def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = None) -> list:
@@ -51,7 +51,7 @@ def get_image_files(path, recurse: bool = True, folders: Sequence[str] | None = 
                 found.append(file)
     return sorted(found)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #e1e70d98
+# %% ../../nbs/lessons/01_pets_data.ipynb #008b8eb7
 def _to_chw(x) -> torch.Tensor:
     "A PIL image, HWC/HW array or CHW/HW tensor as a uint8 CHW tensor."
     if isinstance(x, Image.Image):
@@ -152,7 +152,7 @@ def can_decode(path) -> bool:
     except (RuntimeError, ValueError, OSError):
         return False
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #03053128
+# %% ../../nbs/lessons/01_pets_data.ipynb #34924dcf
 @exportable
 class MaskToLong(Transform):
     "Batch transform: masks (uint8 class indices) -> int64, as losses and metrics expect."
@@ -221,7 +221,7 @@ class MaskBlock(TransformBlock):
     def state(self):
         return {"codes": self.codes}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #99e13918
+# %% ../../nbs/lessons/01_pets_data.ipynb #f76fa584
 def _hw(size) -> tuple:
     "(height, width) from an int or a pair."
     if isinstance(size, int):
@@ -351,7 +351,7 @@ class RandomResizedCrop(Transform):
     def state(self):
         return {"size": list(self.size), "min_scale": self.min_scale, "ratio": list(self.ratio)}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #ae93c839
+# %% ../../nbs/lessons/01_pets_data.ipynb #583fc55a
 def _uniform(n: int, low: float, high: float, device) -> torch.Tensor:
     return torch.empty(n, device=device).uniform_(low, high) if high > low else torch.full((n,), float(low), device=device)
 
@@ -462,8 +462,9 @@ class Lighting(Transform):
         n, strength, dev = x.shape[0], self.max_lighting, x.device
         brightness = torch.where(_chance(n, self.p, dev), _uniform(n, 0.5 * (1 - strength), 0.5 * (1 + strength), dev),
                                  torch.full((n,), 0.5, device=dev))
+        use_contrast = _chance(n, self.p, dev)          # drawn before the contrasts, as always: runs repeat exactly
         log_contrast = _uniform(n, math.log(1 - strength), -math.log(1 - strength), dev)
-        contrast = torch.where(_chance(n, self.p, dev), torch.exp(log_contrast), torch.ones(n, device=dev))
+        contrast = torch.where(use_contrast, torch.exp(log_contrast), torch.ones(n, device=dev))
         shape = (n,) + (1,) * (x.ndim - 1)
         out = torch.logit(x.float(), eps=1e-4).mul_(contrast.view(shape)).add_(torch.logit(brightness).view(shape))
         return out.sigmoid_().to(x.dtype)
@@ -483,7 +484,7 @@ def aug_transforms(size=None, min_scale: float = 1.0, do_flip: bool = True, flip
         tfms.append(Lighting(max_lighting, p_lighting))
     return tfms
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #e502a432
+# %% ../../nbs/lessons/01_pets_data.ipynb #0863e952
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 
 @exportable
@@ -525,7 +526,7 @@ class Normalize(Transform):
     def state(self):
         return {"mean": self.mean, "std": self.std}
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #89071d3a
+# %% ../../nbs/lessons/01_pets_data.ipynb #24849e91
 class NameLabeller:
     "Apply `labeller` to an item's file name only (`Path(item).name`), as `from_name_re` does."
     def __init__(self, labeller: Callable):
@@ -534,7 +535,7 @@ class NameLabeller:
     def __call__(self, o):
         return self.labeller(Path(o).name)
 
-# %% ../../nbs/lessons/01_pets_data.ipynb #cf18ab60
+# %% ../../nbs/lessons/01_pets_data.ipynb #b33e46c7
 def keep_decodable(files: Sequence, warn: bool = True) -> list:
     "The files that `load_image` can decode; warns about (and leaves out) the others."
     files = list(files)

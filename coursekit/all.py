@@ -5,34 +5,40 @@
 # %% auto #0
 __all__ = []
 
-# %% ../nbs/core/99_all.ipynb #f58c7131
-from . import core, losses, schedule, learner, interpret, widgets, tabular, collab, multilabel, segmentation
+# %% ../nbs/core/99_all.ipynb #7948c8c9
+from . import core, losses, schedule, metrics, persist, learner, interpret
 from .data import external, core as data_core
-from .vision import data as vision_data, learner as vision_learner, utils as vision_utils, unet
+from .vision import (data as vision_data, learner as vision_learner, utils as vision_utils,
+                              widgets as vision_widgets, multilabel, unet, segmentation)
 from .text import core as text_core, data as text_data, models as text_models, learner as text_learner
+from .tabular import data as tabular_data, learner as tabular_lib, collab
 
-_MODULES = [core, losses, external, data_core, vision_data, schedule, learner, interpret, vision_learner,
-            vision_utils, widgets, multilabel, unet, segmentation, text_core, text_data, text_models, text_learner,
-            tabular, collab]
+_MODULES = [core, losses, external, data_core, schedule, metrics, persist, learner, interpret,
+            vision_data, vision_learner, vision_utils, vision_widgets, multilabel, unet, segmentation,
+            text_core, text_data, text_models, text_learner,
+            tabular_data, tabular_lib, collab]
 __all__ = [name for module in _MODULES for name in module.__all__]
 
 from .core import *
 from .losses import *
 from .data.external import *
 from .data.core import *
-from .vision.data import *
 from .schedule import *
+from .metrics import *
+from .persist import *
 from .learner import *
 from .interpret import *
+from .vision.data import *
 from .vision.learner import *
 from .vision.utils import *
-from .widgets import *
-from .multilabel import *
+from .vision.widgets import *
+from .vision.multilabel import *
 from .vision.unet import *
-from .segmentation import *
+from .vision.segmentation import *
 from .text.core import *
 from .text.data import *
 from .text.models import *
 from .text.learner import *
-from .tabular import *
-from .collab import *
+from .tabular.data import *
+from .tabular.learner import *
+from .tabular.collab import *

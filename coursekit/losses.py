@@ -67,5 +67,6 @@ def loss_from_state(state: dict):
     if not isinstance(name, str) or name not in LOSSES:
         raise ValueError(f"Unknown loss {name!r}: coursekit can rebuild {sorted(LOSSES)}.")
     not_numbers = {k: v for k, v in kwargs.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
-    if not_numbers: raise ValueError(f"The arguments of {name} in a loss description are numbers, got {not_numbers}")
+    if not_numbers:
+        raise ValueError(f"The arguments of {name} in a loss description are numbers, got {not_numbers}")
     return LOSSES[name](**kwargs)

@@ -38,7 +38,7 @@ def mirror_images() -> Path:
 
 
 def make_notebook(folder: Path):
-    cells = ["from coursekit.widgets import ImageCleaner\n"
+    cells = ["from coursekit.vision.widgets import ImageCleaner\n"
              "cleaner = ImageCleaner.from_folder('pets', page_size=8, thumb_size=140)\n"
              "cleaner",
              "moved = cleaner.apply()\nprint('APPLIED', len(moved))"]

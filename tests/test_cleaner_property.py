@@ -32,7 +32,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from PIL import Image
 
 from coursekit.vision.utils import TRASH_FOLDER, FolderInUseError, TrashJournal
-from coursekit.widgets import ImageCleaner, read_cleaned
+from coursekit.vision.widgets import ImageCleaner, read_cleaned
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PAGE_SIZE = 3

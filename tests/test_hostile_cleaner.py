@@ -26,7 +26,7 @@ from PIL import Image
 
 from coursekit.vision.utils import (TRASH_FOLDER, FolderInUseError, TrashJournal, UnsafePathError, WriterReplacedError,
                                     verify_images)
-from coursekit.widgets import CleanerItem, CleanerState, ImageCleaner, read_cleaned
+from coursekit.vision.widgets import CleanerItem, CleanerState, ImageCleaner, read_cleaned
 
 FORK = multiprocessing.get_context("fork")
 

@@ -259,9 +259,9 @@ MODEL_SPECS = [
     ("coursekit.learner:simple_mlp", {"n_in": 3, "n_out": 2, "hidden": [8, 4], "bn": True}),
     ("coursekit.vision.learner:cnn_model", {"arch": "resnet18", "n_out": 3}),
     ("coursekit.vision.unet:unet_model", {"arch": "resnet18", "n_out": 4}),
-    ("coursekit.tabular:TabularModel", {"emb_szs": [[5, 3]], "n_cont": 2, "out_sz": 1, "layers": [8], "y_range": [0, 1]}),
-    ("coursekit.collab:EmbeddingDotBias", {"n_factors": 4, "n_users": 7, "n_items": 9, "y_range": [0, 5.5]}),
-    ("coursekit.collab:EmbeddingNN", {"emb_szs": [[7, 3], [9, 3]], "layers": [8], "y_range": [0, 5.5]}),
+    ("coursekit.tabular.learner:TabularModel", {"emb_szs": [[5, 3]], "n_cont": 2, "out_sz": 1, "layers": [8], "y_range": [0, 1]}),
+    ("coursekit.tabular.collab:EmbeddingDotBias", {"n_factors": 4, "n_users": 7, "n_items": 9, "y_range": [0, 5.5]}),
+    ("coursekit.tabular.collab:EmbeddingNN", {"emb_szs": [[7, 3], [9, 3]], "layers": [8], "y_range": [0, 5.5]}),
 ]
 
 

@@ -26,7 +26,7 @@ import pytest
 from PIL import Image
 
 from coursekit.vision.utils import TRASH_FOLDER, download_images, image_problem, url_file_stem, verify_images
-from coursekit.widgets import ImageCleaner
+from coursekit.vision.widgets import ImageCleaner
 
 FORK = multiprocessing.get_context("fork")
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Convert notebooks to and from a plain-text "percent" format, for editing with any text editor.
 
-    python tools/nbtext.py to-text nbs/core/05_learner.ipynb  > /tmp/learner.py
-    python tools/nbtext.py to-nb   /tmp/learner.py nbs/core/05_learner.ipynb
+    python tools/nbtext.py to-text nbs/core/06_learner.ipynb  > /tmp/learner.py
+    python tools/nbtext.py to-nb   /tmp/learner.py nbs/core/06_learner.ipynb
 
 Text format: cells start with a line `# %%` (code) or `# %% [markdown]` (markdown, each line
 written as `# text`). The notebook is the source of truth; the text is a working copy.

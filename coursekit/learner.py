@@ -10,7 +10,7 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'PRECISION_SETTERS', 'CancelBatch
            'autocast_context', 'Recorder', 'ProgressCallback', 'ParamScheduler', 'minimum', 'steep', 'valley',
            'LRFinder', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds',
            'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'Learner',
-           'load_learner', 'simple_mlp', 'accuracy', 'error_rate', 'AvgMetric', 'AccumMetric']
+           'load_learner', 'simple_mlp']
 
 # %% ../nbs/core/06_learner.ipynb #fca2880c
 import copy
@@ -29,13 +29,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core import default_device, defer_interrupt, exportable, in_notebook
-from .metrics import AccumMetric, AvgMetric, accuracy, error_rate, items_in_batch, weighted_mean
+from .metrics import AccumMetric, AvgMetric, items_in_batch, weighted_mean
 from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_state, read_checkpoint, read_export,
                                save_checkpoint, write_export)
 from .schedule import one_cycle_schedules, sched_exp
-
-# %% ../nbs/core/06_learner.ipynb #f823c62c
-_all_ = ["accuracy", "error_rate", "AvgMetric", "AccumMetric"]
 
 # %% ../nbs/core/06_learner.ipynb #b196b625
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..core import atomic_write, exportable_spec
-from ..learner import Callback, Learner, accuracy
+from ..learner import Callback, Learner
+from ..metrics import accuracy
 from .core import UNK, tokenize
 from .models import (AWD_CONFIGS, AWD_LSTM, awd_lstm_clas_split, awd_lstm_lm_split, get_language_model,
                                    get_text_classifier, load_pretrained_lm)

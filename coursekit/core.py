@@ -8,7 +8,7 @@ __all__ = ['STALE_TEMPORARY_SECONDS', 'EXPORTABLE', 'default_device', 'to_device
            'defer_interrupt', 'in_notebook', 'display_or_print', 'is_quick', 'record_metrics', 'exportable',
            'exportable_spec', 'build_exportable']
 
-# %% ../nbs/core/00_core.ipynb #cf69c1bd
+# %% ../nbs/core/00_core.ipynb #38820d71
 import gc
 import importlib
 import json
@@ -33,7 +33,7 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-# %% ../nbs/core/00_core.ipynb #2d9d84d1
+# %% ../nbs/core/00_core.ipynb #f21474fe
 def default_device() -> torch.device:
     "The best device available: cuda, then mps, then cpu."
     if torch.cuda.is_available():
@@ -42,7 +42,7 @@ def default_device() -> torch.device:
         return torch.device("mps")
     return torch.device("cpu")
 
-# %% ../nbs/core/00_core.ipynb #a08e259d
+# %% ../nbs/core/00_core.ipynb #6a40eb56
 def to_device(batch, device=None):
     "Move a tensor, or a tuple/list/dict of them, to `device` (default: `default_device()`)."
     device = torch.device(device) if device is not None else default_device()
@@ -54,7 +54,7 @@ def to_device(batch, device=None):
         return {key: to_device(value, device) for key, value in batch.items()}
     return batch
 
-# %% ../nbs/core/00_core.ipynb #86c339b2
+# %% ../nbs/core/00_core.ipynb #516e5de3
 def gpu_memory_report(device=None) -> dict:
     "Memory in use on a CUDA device, in MiB: allocated by tensors, reserved by the cache, and the peak."
     device = torch.device(device) if device is not None else default_device()
@@ -66,7 +66,7 @@ def gpu_memory_report(device=None) -> dict:
             "reserved_mib": torch.cuda.memory_reserved(device) / mib,
             "peak_mib": torch.cuda.max_memory_allocated(device) / mib}
 
-# %% ../nbs/core/00_core.ipynb #d3b5e5a1
+# %% ../nbs/core/00_core.ipynb #c5743ac2
 def free_gpu_memory():
     "Collect unreachable Python objects and give cached GPU memory back; returns the report afterwards."
     gc.collect()
@@ -74,14 +74,14 @@ def free_gpu_memory():
         torch.cuda.empty_cache()
     return gpu_memory_report()
 
-# %% ../nbs/core/00_core.ipynb #27de542c
+# %% ../nbs/core/00_core.ipynb #ebf2e3a5
 def set_seed(seed: int = 42):
     "Seed Python, NumPy and PyTorch (every device) so that a run can be repeated."
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
-# %% ../nbs/core/00_core.ipynb #337b286d
+# %% ../nbs/core/00_core.ipynb #2c74eea4
 def set_cpu_threads(n: int | None = None) -> int:
     "Use `n` threads for PyTorch's CPU kernels (default: every core this process may use); returns n."
     if n is None:
@@ -89,7 +89,7 @@ def set_cpu_threads(n: int | None = None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/core/00_core.ipynb #95e612de
+# %% ../nbs/core/00_core.ipynb #16d42457
 class Timer:
     "Context manager measuring wall-clock seconds: `with Timer() as t: ...`, then `t.seconds`."
     def __enter__(self):
@@ -100,7 +100,7 @@ class Timer:
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
 
-# %% ../nbs/core/00_core.ipynb #4754835c
+# %% ../nbs/core/00_core.ipynb #ef8476ed
 STALE_TEMPORARY_SECONDS = 3600  # without file locks (Windows), a temporary file this old is a leftover
 
 def _temporary_pattern(file: Path) -> re.Pattern:
@@ -135,13 +135,22 @@ def _is_leftover(candidate: Path) -> bool:
 def remove_leftovers(file) -> list:
     "Delete the temporary files that killed `atomic_write`s of `file` left beside it (never a live writer's)."
     file = Path(file)
-    if not file.parent.is_dir():
-        return []
     pattern = _temporary_pattern(file)
-    leftovers = [path for path in file.parent.iterdir() if pattern.fullmatch(path.name) and _is_leftover(path)]
+    try:
+        names = os.listdir(file.parent)
+    except OSError:  # a folder we may write in but not list: there is nothing we can see to clean
+        return []
+    leftovers = [file.parent / name for name in names if pattern.fullmatch(name)]
+    removed = []
     for path in leftovers:
-        path.unlink(missing_ok=True)
-    return leftovers
+        if not _is_leftover(path):
+            continue
+        try:
+            path.unlink()
+        except (FileNotFoundError, PermissionError):  # gone meanwhile, or someone else's: the save goes on
+            continue
+        removed.append(path)
+    return removed
 
 def refuse_read_only(file):
     "Raise a PermissionError saying how to proceed if `file` exists and is read-only (for everyone, or for us)."
@@ -182,7 +191,7 @@ def atomic_write(file, write) -> Path:
         raise
     return file
 
-# %% ../nbs/core/00_core.ipynb #5fd3d6ae
+# %% ../nbs/core/00_core.ipynb #64f0ca6c
 @contextmanager
 def defer_interrupt():
     "Within this block Ctrl-C (SIGINT) waits: it is raised when the block ends, so that the block runs whole."
@@ -202,7 +211,7 @@ def defer_interrupt():
         if received:
             signal.raise_signal(signal.SIGINT)  # now handled as it would have been
 
-# %% ../nbs/core/00_core.ipynb #e93d8dd8
+# %% ../nbs/core/00_core.ipynb #bde87407
 def in_notebook() -> bool:
     "True inside a Jupyter kernel (where widgets and HTML display work), False in a terminal, script or test."
     shell = get_ipython()
@@ -215,12 +224,12 @@ def display_or_print(obj):
     else:
         print(obj)
 
-# %% ../nbs/core/00_core.ipynb #07b67b42
+# %% ../nbs/core/00_core.ipynb #c8afb8bc
 def is_quick() -> bool:
     "True when lessons should run in quick mode (`COURSEKIT_QUICK` set to 1/true/yes)."
     return os.environ.get("COURSEKIT_QUICK", "").strip().lower() in ("1", "true", "yes")
 
-# %% ../nbs/core/00_core.ipynb #21835d73
+# %% ../nbs/core/00_core.ipynb #33154e65
 def _as_number(value):
     "A JSON-friendly number from a Python/NumPy number or a one-element tensor."
     if isinstance(value, (torch.Tensor, np.generic)):
@@ -240,7 +249,7 @@ def record_metrics(**metrics) -> dict:
         atomic_write(path, lambda f: f.write(json.dumps(current, indent=1).encode()))
     return values
 
-# %% ../nbs/core/00_core.ipynb #452859cf
+# %% ../nbs/core/00_core.ipynb #e5ec29ef
 EXPORTABLE: dict = {}
 
 def exportable(fn):

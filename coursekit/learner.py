@@ -12,7 +12,7 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'PRECISION_SETTERS', 'CancelBatch
            'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'Learner',
            'load_learner', 'simple_mlp']
 
-# %% ../nbs/core/06_learner.ipynb #fca2880c
+# %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
 import math
 import time
@@ -34,7 +34,7 @@ from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_stat
                                save_checkpoint, write_export)
 from .schedule import one_cycle_schedules, sched_exp
 
-# %% ../nbs/core/06_learner.ipynb #b196b625
+# %% ../nbs/core/06_learner.ipynb #311f6356
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
           "before_backward", "after_backward", "before_step", "after_step", "after_batch", "after_train",
           "before_validate", "after_validate", "after_epoch", "after_fit")
@@ -48,7 +48,7 @@ class CancelEpochException(Exception):
 class CancelFitException(Exception):
     "Raised by a callback to stop training (`after_fit` still runs)."
 
-# %% ../nbs/core/06_learner.ipynb #dafa5c21
+# %% ../nbs/core/06_learner.ipynb #63a5cd19
 class Callback:
     "Base class for callbacks: override the events you need; each receives the learner. Lower `order` runs first."
     order = 0
@@ -101,7 +101,7 @@ class Callback:
     def after_fit(self, learn):
         "Once, at the end of training, even after an error or an interruption."
 
-# %% ../nbs/core/06_learner.ipynb #b1ca9dd0
+# %% ../nbs/core/06_learner.ipynb #9ba4a2e4
 def trainable_params(model: nn.Module) -> list:
     "The default splitter: one group with every parameter that requires a gradient."
     return [[param for param in model.parameters() if param.requires_grad]]
@@ -115,7 +115,7 @@ def param_groups(splitter, model: nn.Module) -> list:
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
-# %% ../nbs/core/06_learner.ipynb #7812a35e
+# %% ../nbs/core/06_learner.ipynb #f92a6172
 def lrs_for_groups(lr, n_groups: int) -> np.ndarray:
     "One learning rate per parameter group from a number, a list, `slice(lo, hi)` or `slice(hi)`."
     if isinstance(lr, slice):
@@ -131,7 +131,7 @@ def lrs_for_groups(lr, n_groups: int) -> np.ndarray:
         raise ValueError(f"Got {len(lrs)} learning rates for {n_groups} parameter groups: give one, {n_groups}, or a slice.")
     return lrs
 
-# %% ../nbs/core/06_learner.ipynb #f68e3d78
+# %% ../nbs/core/06_learner.ipynb #15b8e11a
 def group_momentum(group: dict) -> float:
     "The momentum of a parameter group: Adam's beta1, or SGD's momentum."
     if "betas" in group:
@@ -152,7 +152,7 @@ def set_opt_hyper(opt: torch.optim.Optimizer, name: str, value):
         elif "momentum" in group:
             group["momentum"] = group_value
 
-# %% ../nbs/core/06_learner.ipynb #6729aad9
+# %% ../nbs/core/06_learner.ipynb #6722a8b7
 def decayed_params(groups: list) -> list:
     "For each parameter group, the parameters weight decay applies to: those with more than one dimension."
     return [[param for param in group if param.ndim > 1] for group in groups]
@@ -165,7 +165,7 @@ def decay_weights(opt: torch.optim.Optimizer, decayed: list):
             with torch.no_grad():
                 torch._foreach_mul_(with_grad, 1 - group["lr"] * group["wd"])
 
-# %% ../nbs/core/06_learner.ipynb #c97222b4
+# %% ../nbs/core/06_learner.ipynb #b8e5dc39
 def freeze_groups(model: nn.Module, groups: list, n_frozen: int, train_bn: bool):
     "Freeze the parameters of the first `n_frozen` groups and unfreeze the others (batchnorm stays trainable with `train_bn`)."
     batchnorm = set()
@@ -181,7 +181,7 @@ def hold_frozen_bn(model: nn.Module):
         if isinstance(module, BN_TYPES) and not any(param.requires_grad for param in module.parameters()):
             module.eval()
 
-# %% ../nbs/core/06_learner.ipynb #6702287c
+# %% ../nbs/core/06_learner.ipynb #627c213b
 AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
@@ -194,7 +194,7 @@ def autocast_context(precision: str, device: torch.device):
         return nullcontext()
     return torch.autocast(device.type, dtype=AMP_DTYPES[precision])
 
-# %% ../nbs/core/06_learner.ipynb #3e048216
+# %% ../nbs/core/06_learner.ipynb #4df65be0
 class Recorder(Callback):
     "Keeps the losses, learning rates and momentums of each batch and the losses and metrics of each epoch."
     order = 50
@@ -300,7 +300,7 @@ class Recorder(Callback):
             ax.set_xlabel("batch")
         return axs
 
-# %% ../nbs/core/06_learner.ipynb #766f6f8a
+# %% ../nbs/core/06_learner.ipynb #99922e66
 def _format_time(seconds: float) -> str:
     "Minutes and seconds, `mm:ss`."
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
@@ -386,7 +386,7 @@ class ProgressCallback(Callback):
             self.bar.close()
             self.bar = None
 
-# %% ../nbs/core/06_learner.ipynb #aeee6d62
+# %% ../nbs/core/06_learner.ipynb #87eaca72
 class ParamScheduler(Callback):
     "Before each training batch, sets hyper-parameters (`'lr'`, `'mom'`, `'wd'`) from functions of `learn.pct_train`."
     order = 10
@@ -400,7 +400,7 @@ class ParamScheduler(Callback):
         for name, schedule in self.scheds.items():
             learn.set_hyper(name, schedule(learn.pct_train))
 
-# %% ../nbs/core/06_learner.ipynb #b67efc2e
+# %% ../nbs/core/06_learner.ipynb #ee730eae
 def minimum(lrs, losses):
     "Suggestion: a tenth of the learning rate with the lowest loss; returns `(lr, point to mark)`."
     index = int(np.argmin(losses))
@@ -429,7 +429,7 @@ def valley(lrs, losses):
     index = best_start + (best_length * 2) // 3
     return lrs[index], (lrs[index], losses[index])
 
-# %% ../nbs/core/06_learner.ipynb #88238f7a
+# %% ../nbs/core/06_learner.ipynb #e5b95258
 class LRFinder(Callback):
     "Exponentially increasing learning rate for `num_it` batches, recording the loss; restores the learner after."
     order = 10
@@ -497,14 +497,14 @@ class LRFinder(Callback):
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.lrs, self.losses)
         ax.set_xscale("log")
-        for (name, lr), (x, y) in zip(suggested._asdict().items(), points):
-            ax.plot(x, y, "o", label=f"{name}: {lr:.2e}")
+        for (name, lr), (point_lr, point_loss) in zip(suggested._asdict().items(), points):
+            ax.plot(point_lr, point_loss, "o", label=f"{name}: {lr:.2e}")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("smoothed loss")
         ax.legend()
         return ax
 
-# %% ../nbs/core/06_learner.ipynb #bd8ac899
+# %% ../nbs/core/06_learner.ipynb #baa50275
 def run_validation(learn, dl, collect=None):
     "The validation part of the loop: `learn.one_batch` on each batch of `dl` in eval mode without gradients."
     learn.training = False
@@ -521,7 +521,7 @@ def run_validation(learn, dl, collect=None):
     for cb in learn.cbs:
         cb.after_validate(learn)
 
-# %% ../nbs/core/06_learner.ipynb #141911e3
+# %% ../nbs/core/06_learner.ipynb #abd7839d
 class CallbacksMixin:
     "A learner's callbacks `self.cbs`, sorted by `order`: `add_cb`, `remove_cb`, `no_bar`, `show_loop`."
     def add_cb(self, cb: Callback) -> Callback:
@@ -553,7 +553,7 @@ class CallbacksMixin:
             acting = [type(cb).__name__ for cb in self.cbs if getattr(type(cb), event) is not getattr(Callback, event)]
             print(f"{event:<16} {', '.join(acting) or '-'}")
 
-# %% ../nbs/core/06_learner.ipynb #c1d29745
+# %% ../nbs/core/06_learner.ipynb #2ed2cf0f
 class ParamGroupsMixin:
     "The optimizer and its parameter groups: `create_opt`, `group_lrs`, `set_hyper`, `freeze_to`, `freeze`, `unfreeze`."
     def create_opt(self):
@@ -589,7 +589,7 @@ class ParamGroupsMixin:
         "Make every parameter group trainable."
         self.freeze_to(0)
 
-# %% ../nbs/core/06_learner.ipynb #175c8d9e
+# %% ../nbs/core/06_learner.ipynb #46de7466
 class PrecisionMixin:
     "Mixed precision: `to_fp16()`, `to_bf16()`, `to_fp32()` and the `autocast()` context the loop runs in."
     def autocast(self):
@@ -617,7 +617,7 @@ class PrecisionMixin:
         self.scaler = grad_scaler(precision, self.device)
         return self
 
-# %% ../nbs/core/06_learner.ipynb #e51af87b
+# %% ../nbs/core/06_learner.ipynb #bf16b07f
 def activate_preds(loss_func, preds):
     "The loss's `activation` of raw model outputs (e.g. a softmax), or the outputs as they are."
     activation = getattr(loss_func, "activation", None)
@@ -651,7 +651,7 @@ class PredictionCollector:
         if learn.yb:
             self.targs.append(learn.yb[0].cpu())
         if self.with_input:
-            self.inputs.append(tuple(x.cpu() for x in learn.xb))
+            self.inputs.append(tuple(tensor.cpu() for tensor in learn.xb))
         if self.with_loss:
             self.losses.append(per_item_losses(self.loss_func, preds, learn.yb).cpu())
 
@@ -700,7 +700,7 @@ class PredictionMixin:
         decoded = decode_preds(self.loss_func, activate_preds(self.loss_func, preds))
         return self.dls.show_results(batch, decoded, max_n=max_n)
 
-# %% ../nbs/core/06_learner.ipynb #fec197ec
+# %% ../nbs/core/06_learner.ipynb #d517b557
 class PersistenceMixin:
     "Files: `save`/`load` a checkpoint in `path/model_dir`, `export` for inference (formats in `coursekit.persist`)."
     def save(self, name: str, with_opt: bool = True) -> Path:
@@ -724,7 +724,7 @@ class PersistenceMixin:
         "Write model weights, model spec, data spec and loss to a zip at `path/fname`, atomically (see `load_learner`)."
         return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
 
-# %% ../nbs/core/06_learner.ipynb #483f848a
+# %% ../nbs/core/06_learner.ipynb #1ce09702
 class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin):
     "Trains `model` on `dls` with `loss_func`: the training loop and its callbacks, and the recipes built on it."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
@@ -899,7 +899,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         self.lr_finder = finder
         return finder.suggestions(suggest_funcs)[0]
 
-# %% ../nbs/core/06_learner.ipynb #1c625b08
+# %% ../nbs/core/06_learner.ipynb #59c83839
 PRECISION_SETTERS = {"fp32": Learner.to_fp32, "fp16": Learner.to_fp16, "bf16": Learner.to_bf16}
 
 def load_learner(fname, device=None, max_params: int = DEFAULT_MAX_PARAMS) -> Learner:
@@ -911,7 +911,7 @@ def load_learner(fname, device=None, max_params: int = DEFAULT_MAX_PARAMS) -> Le
     PRECISION_SETTERS[contents.precision](learn)
     return learn
 
-# %% ../nbs/core/06_learner.ipynb #514e94a4
+# %% ../nbs/core/06_learner.ipynb #aa65c475
 @exportable
 def simple_mlp(n_in: int, n_out: int, hidden: list = (32,), bn: bool = False) -> nn.Sequential:
     "A multi-layer perceptron: Linear (+ BatchNorm) + ReLU for each hidden size, then a Linear to `n_out`."

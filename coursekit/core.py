@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['STALE_TEMPORARY_SECONDS', 'EXPORTABLE', 'default_device', 'to_device', 'gpu_memory_report', 'free_gpu_memory',
-           'set_seed', 'set_cpu_threads', 'Timer', 'remove_leftovers', 'refuse_read_only', 'atomic_write',
+           'set_seed', 'set_cpu_threads', 'Timer', 'try_lock', 'remove_leftovers', 'refuse_read_only', 'atomic_write',
            'defer_interrupt', 'in_notebook', 'display_or_print', 'is_quick', 'record_metrics', 'exportable',
            'exportable_spec', 'build_exportable']
 
@@ -32,6 +32,10 @@ try:
     import fcntl  # advisory file locks: how atomic_write tells a save in progress from a killed one's leftover
 except ImportError:  # Windows
     fcntl = None
+try:
+    import msvcrt  # Windows' file locks, for try_lock
+except ImportError:
+    msvcrt = None
 
 # %% ../nbs/core/00_core.ipynb #f21474fe
 def default_device() -> torch.device:
@@ -99,6 +103,18 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+# %% ../nbs/core/00_core.ipynb #65cc1586
+def try_lock(fd: int) -> bool:
+    "Take an exclusive lock on the open file `fd` without waiting: True if taken, False if another process holds it."
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
 
 # %% ../nbs/core/00_core.ipynb #ef8476ed
 STALE_TEMPORARY_SECONDS = 3600  # without file locks (Windows), a temporary file this old is a leftover

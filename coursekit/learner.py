@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .core import default_device, defer_interrupt, exportable, in_notebook
-from .metrics import AccumMetric, AvgMetric, items_in_batch, weighted_mean
+from .metrics import AvgMetric, items_in_batch, weighted_mean
 from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_state, read_checkpoint, read_export,
                                save_checkpoint, write_export)
 from .schedule import one_cycle_schedules, sched_exp

@@ -11,7 +11,6 @@ __all__ = ['CATALOGUE', 'CatalogueEntry', 'URLs', 'catalogue_entry', 'data_folde
 # %% ../../nbs/core/02_data_external.ipynb #01370c2e
 import bz2
 import contextlib
-import fcntl
 import gzip
 import hashlib
 import http.client
@@ -40,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 import coursekit
+from ..core import try_lock
 
 # %% ../../nbs/core/02_data_external.ipynb #116e0cda
 def _is_plain_name(name: str) -> bool:
@@ -797,9 +797,7 @@ def _acquire_lock(path: Path) -> int:
     told = False
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(fd):
             os.close(fd)
             if not told:
                 print(f"Waiting for {_holder(path)}, which holds {path}...", file=sys.stderr)

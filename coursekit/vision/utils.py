@@ -9,7 +9,6 @@ __all__ = ['TRASH_FOLDER', 'atomic_write_bytes', 'unique_path', 'move_exactly', 
            'verify_images', 'url_file_stem', 'Downloads', 'download_images']
 
 # %% ../../nbs/lessons/01b_cleaning_lib.ipynb #cdd6a57f
-import fcntl
 import hashlib
 import json
 import os
@@ -28,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ..core import atomic_write
+from ..core import atomic_write, try_lock
 from .data import get_image_files
 
 # %% ../../nbs/lessons/01b_cleaning_lib.ipynb #64488758
@@ -359,10 +358,8 @@ class FolderClaim:
         "An open, locked descriptor of `.trash/lock`; `FolderInUseError` naming the holder if another process has it."
         journal.trash.mkdir(parents=True, exist_ok=True)
         path = journal.resolve(f"{TRASH_FOLDER}/lock", "the lock file: ")
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o644)
+        if not try_lock(fd):
             note = os.pread(fd, 4096, 0)
             os.close(fd)
             raise FolderInUseError(f"The dataset folder {self.root} is in use: {_describe_holder(note)}. Only one "

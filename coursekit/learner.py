@@ -728,7 +728,7 @@ class PersistenceMixin:
 class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin):
     "Trains `model` on `dls` with `loss_func`: the training loop and its callbacks, and the recipes built on it."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
-                 metrics=None, cbs=None, wd: float | None = None, splitter=trainable_params, path=".",
+                 metrics=None, cbs=None, wd: float | None = None, splitter=trainable_params, path=None,
                  model_dir="models", train_bn: bool = True, moms=(0.95, 0.85, 0.95), clip: float | None = None,
                  accum: int = 1):
         if loss_func is None:
@@ -752,7 +752,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         self.moms = moms
         self.clip = clip
         self.accum = accum
-        self.path = Path(path)
+        self.path = Path(path) if path is not None else dls.path  # as in fastai: models go next to the data
         self.model_dir = model_dir
         self.metrics = [metric if hasattr(metric, "accumulate") else AvgMetric(metric) for metric in (metrics or [])]
         self.opt = None

@@ -495,9 +495,10 @@ def _are_rows(items) -> bool:
 
 # %% ../../nbs/core/03_data_core.ipynb #f63715bd
 class DataLoaders:
-    "A training and a validation `DataLoader`, with the blocks that say what their samples are."
-    def __init__(self, train: DataLoader, valid: DataLoader, blocks: Sequence | None = None):
+    "A training and a validation `DataLoader`, with the blocks that say what their samples are, and the data folder `path`."
+    def __init__(self, train: DataLoader, valid: DataLoader, blocks: Sequence | None = None, path="."):
         self.train, self.valid = train, valid
+        self.path = Path(path)  # the data's folder: where a learner built on these loaders saves its models
         if blocks is None:
             n = len(train.kinds) if len(train.dataset) else train.n_inp + 1
             blocks = [TransformBlock()] * n

@@ -6,7 +6,7 @@ by step with a test beside each piece. It exports `coursekit.vision.learner`."""
 # %% auto #0
 __all__ = ['efficientnet_lite_stats', 'BACKBONES', 'Backbone', 'get_backbone', 'create_body', 'body_stages', 'backbone_stats',
            'stage_channels', 'AdaptiveConcatPool2d', 'create_head', 'cnn_model', 'cnn_splitter', 'cnn_features',
-           'check_normalization', 'learner_path', 'cnn_learner']
+           'check_normalization', 'cnn_learner']
 
 # %% ../../nbs/lessons/01_pets_lib.ipynb #9abc9380
 from dataclasses import dataclass
@@ -186,12 +186,6 @@ def check_normalization(dls, arch: str):
                          "and cnn_learner adds the right one).")
 
 # %% ../../nbs/lessons/01_pets_lib.ipynb #03c1b21b
-def learner_path(dls, path=None) -> Path:
-    "Where a learner on `dls` saves: `path` if given, else the DataLoaders' folder `dls.path`, else the current folder."
-    if path is not None:
-        return Path(path)
-    return Path(getattr(dls, "path", "."))
-
 def cnn_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = True, n_out: int | None = None,
                 loss_func=None, lr: float = 1e-3, wd: float | None = None, concat_pool: bool = True, ps: float = 0.5,
                 lin_ftrs: list | None = None, train_bn: bool | None = None, cbs=None, path=None) -> Learner:
@@ -204,7 +198,7 @@ def cnn_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = Tr
     model = cnn_model(arch, n_out, pretrained=pretrained, concat_pool=concat_pool, ps=ps, lin_ftrs=lin_ftrs)
     train_bn = get_backbone(arch).train_bn if train_bn is None else train_bn
     learn = Learner(dls, model, loss_func=loss_func, lr=lr, metrics=metrics, cbs=cbs, wd=wd, splitter=cnn_splitter,
-                    path=learner_path(dls, path), train_bn=train_bn)
+                    path=path, train_bn=train_bn)
     learn.model_spec = exportable_spec(cnn_model, arch=arch, n_out=n_out, concat_pool=concat_pool, ps=ps,
                                        lin_ftrs=lin_ftrs)
     if pretrained:

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..core import exportable, exportable_spec
 from ..learner import Learner
-from .learner import body_stages, check_normalization, create_body, get_backbone, learner_path
+from .learner import body_stages, check_normalization, create_body, get_backbone
 
 # %% ../../nbs/lessons/03_segmentation_unet.ipynb #17d59419
 def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) -> torch.Tensor:
@@ -168,7 +168,7 @@ def unet_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = T
     model = unet_model(arch, n_out, pretrained=pretrained, self_attention=self_attention, blur=blur)
     train_bn = get_backbone(arch).train_bn if train_bn is None else train_bn  # see cnn_learner in lesson 1
     learn = Learner(dls, model, loss_func=loss_func, lr=lr, metrics=metrics, cbs=cbs, wd=wd, splitter=unet_splitter,
-                    path=learner_path(dls, path), train_bn=train_bn)
+                    path=path, train_bn=train_bn)
     learn.model_spec = exportable_spec(unet_model, arch=arch, n_out=n_out, self_attention=self_attention, blur=blur)
     if pretrained:
         learn.freeze()

@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
@@ -643,7 +644,6 @@ class DataLoaders:
 
 def _grid(n: int, ncols: int, figsize=None) -> list:
     "A flat list of `n` matplotlib axes in rows of `ncols`; unused axes are hidden."
-    import matplotlib.pyplot as plt
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
     fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..core import atomic_write, exportable_spec
+from ..data.external import URLs, untar_data
 from ..learner import Callback, Learner
 from ..metrics import accuracy
 from .core import UNK, tokenize
@@ -98,7 +99,6 @@ def _config(arch, config, default: str) -> dict:
 
 def wt103_files() -> tuple[Path, Path]:
     "The WikiText-103 AWD-LSTM files (`lstm_fwd.pth`, `itos_wt103.pkl`): from the mirror, the data folder or a download."
-    from coursekit.data.external import URLs, untar_data
     try: folder = untar_data(URLs.WT103_FWD)
     except Exception as err:
         raise RuntimeError("The WikiText-103 language model (WT103_FWD) is not available: it could not be downloaded "

@@ -31,8 +31,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule, run_state_machine_as_test
 from PIL import Image
 
-from coursekit.vision.utils import TRASH_FOLDER, FolderInUseError, TrashJournal
+from coursekit.vision.utils import TRASH_FOLDER, FolderInUseError
 from coursekit.vision.widgets import ImageCleaner, read_cleaned
+from journal_replay import replay
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 PAGE_SIZE = 3
@@ -53,24 +54,6 @@ def all_files(folder: Path) -> Counter:
 def positions(folder: Path) -> dict:
     "{relative path: content digest} of every image file under `folder`, trash included."
     return {p.relative_to(folder).as_posix(): digest(p) for p in folder.rglob("*.png") if p.is_file()}
-
-
-def replay(root: Path, start: dict) -> dict:
-    "Where the journal says every file is: `start`, moved by every move and undo line carried out."
-    where, kept = dict(start), []
-    for e in TrashJournal(root).entries():  # a void line cancels the latest matching move line
-        if e["op"] == "void":
-            same = [k for k, m in enumerate(kept) if m["op"] == "move" and (m["src"], m["dst"]) == (e["src"], e["dst"])]
-            del kept[same[-1]]
-        else:
-            kept.append(e)
-    for e in kept:
-        if e["op"] == "move":
-            where[e["dst"]] = where.pop(e["src"])
-        elif e["op"] == "undo":
-            for now, back in e["restored"].items():
-                where[back] = where.pop(now)
-    return where
 
 
 def _act_in_child(root: Path, action: str, conn):

@@ -3,7 +3,6 @@
 Every test builds its own archives in `tmp_path`, serves them from 127.0.0.1 on a random port, and
 points `COURSEKIT_DATA` at `tmp_path`; nothing touches the network or the real data folder.
 """
-import functools
 import io
 import os
 import socket
@@ -11,9 +10,8 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import zipfile
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ import pytest
 from coursekit.data import external
 from coursekit.data.external import (CATALOGUE, CatalogueEntry, ChecksumError, DownloadError, UnsafeArchiveError,
                                      download_url, file_hashes, untar_data)
+from local_http import serving
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -48,15 +47,8 @@ def server(tmp_path):
     served.mkdir()
     requests = []
     handler = type("Handler", (_Handler,), {"requests": requests})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(served)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", served, requests
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serving(served, handler) as base:
+        yield base, served, requests
 
 
 @pytest.fixture(autouse=True)

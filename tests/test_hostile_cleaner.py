@@ -27,6 +27,7 @@ from PIL import Image
 from coursekit.vision.utils import (TRASH_FOLDER, FolderInUseError, TrashJournal, UnsafePathError, WriterReplacedError,
                                     verify_images)
 from coursekit.vision.widgets import CleanerItem, CleanerState, ImageCleaner, read_cleaned
+from journal_replay import replay
 
 FORK = multiprocessing.get_context("fork")
 
@@ -258,24 +259,6 @@ def test_verify_images_in_the_same_kernel_takes_over_from_a_cleaner(tmp_path):
 
 
 # --- item 7: SIGKILL during apply() and undo() -------------------------------------------------------
-
-def replay(root: Path, start: dict) -> dict:
-    "Where the journal says every file is: the start positions, moved by every move and undo line carried out."
-    where, kept = dict(start), []
-    for e in TrashJournal(root).entries():  # a void line cancels the latest matching move line
-        if e["op"] == "void":
-            same = [k for k, m in enumerate(kept) if m["op"] == "move" and (m["src"], m["dst"]) == (e["src"], e["dst"])]
-            del kept[same[-1]]
-        else:
-            kept.append(e)
-    for e in kept:
-        if e["op"] == "move":
-            where[e["dst"]] = where.pop(e["src"])
-        elif e["op"] == "undo":
-            for now, back in e["restored"].items():
-                where[back] = where.pop(now)
-    return where
-
 
 def check_consistent(root: Path, start: dict, context: str = ""):
     "No file lost or duplicated; the journal explains every file's place; cleaned.csv agrees with the disk."

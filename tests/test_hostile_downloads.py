@@ -5,7 +5,6 @@ built in `tmp_path`; each server stops by itself. Nothing may land outside the d
 be cached, and every refusal is a clear coursekit error (never a raw `EOFError`, `ReadError` or
 `FileNotFoundError`).
 """
-import functools
 import gzip
 import io
 import os
@@ -17,7 +16,7 @@ import tarfile
 import threading
 import time
 import zipfile
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from http.server import SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -26,6 +25,7 @@ from coursekit import cli
 from coursekit.data import external
 from coursekit.data.external import (CATALOGUE, CatalogueEntry, ChecksumError, DownloadError, UnreadableArchiveError,
                                      UnsafeArchiveError, download_url, file_hashes, safe_extract, untar_data)
+from local_http import serving
 
 
 # ---------------------------------------------------------------- servers and archives
@@ -56,15 +56,8 @@ def server(tmp_path):
     served = tmp_path / "served"
     served.mkdir()
     handler = type("Handler", (_Handler,), {"requests": []})
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(handler, directory=str(served)))
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}", served, handler
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-        thread.join(5)
+    with serving(served, handler) as base:
+        yield base, served, handler
 
 
 def trickle_server(head: bytes, body_bytes: int, every: float, trickle_head: bool):

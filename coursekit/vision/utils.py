@@ -441,11 +441,12 @@ def image_problem(path, max_pixels: int | None = None) -> str | None:
 # %% ../../nbs/lessons/01b_cleaning_lib.ipynb #971609f3
 @dataclass
 class ImageCheck:
-    "What `verify_images` found and did: bad files with their problem, files moved, files shrunk."
+    "What `verify_images` found and did: bad files with their problem, files moved, files shrunk, files left big (and why)."
     checked: int = 0
     bad: dict = field(default_factory=dict)
     moved: dict = field(default_factory=dict)
     resized: list = field(default_factory=list)
+    not_resized: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.bad)
@@ -455,6 +456,7 @@ class ImageCheck:
         lines += [f"  {p}: {why}" for p, why in list(self.bad.items())[:20]]
         if len(self.bad) > 20:
             lines.append(f"  ... and {len(self.bad) - 20} more")
+        lines += [f"  {p}: not resized, {why}" for p, why in self.not_resized.items()]
         return "\n".join(lines)
 
 def _shrink(path, max_size: int) -> bool:
@@ -467,6 +469,14 @@ def _shrink(path, max_size: int) -> bool:
             im = im.convert("RGB")
         atomic_write(path, lambda f: im.save(f, format=fmt))   # keeps the file's permissions, never half an image
     return True
+
+def _shrink_or_report(path, max_size: int, result: ImageCheck):
+    "Shrink `path` to `max_size`; a file we may not change (read-only) is reported in `result.not_resized`, never moved."
+    try:
+        if _shrink(path, max_size):
+            result.resized.append(path)
+    except PermissionError as err:
+        result.not_resized[path] = str(err)
 
 def _files_and_root(path_or_files, delete: bool, root):
     "The image files to check and the dataset folder that holds them (needed only to move files)."
@@ -500,8 +510,8 @@ def verify_images(path_or_files, delete: bool = False, max_size: int | None = No
         for f in tqdm(files, desc="verify_images", leave=False, disable=len(files) < 50):
             problem = image_problem(f, max_pixels)
             if problem is None:
-                if max_size is not None and _shrink(f, max_size):
-                    result.resized.append(f)
+                if max_size is not None:
+                    _shrink_or_report(f, max_size, result)
                 continue
             result.bad[f] = problem
             if not delete:

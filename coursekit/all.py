@@ -8,8 +8,8 @@ __all__ = []
 # %% ../nbs/core/99_all.ipynb #7948c8c9
 from . import core, losses, schedule, metrics, persist, learner, interpret
 from .data import external, core as data_core
-from .vision import (data as vision_data, learner as vision_learner, utils as vision_utils,
-                              widgets as vision_widgets, multilabel, unet, segmentation)
+from .vision import data as vision_data, learner as vision_learner, utils as vision_utils
+from .vision import widgets as vision_widgets, multilabel, unet, segmentation
 from .text import core as text_core, data as text_data, models as text_models, learner as text_learner
 from .tabular import data as tabular_data, learner as tabular_lib, collab
 

@@ -20,6 +20,7 @@ from coursekit.data import external
 from coursekit.data.external import (CATALOGUE, CatalogueEntry, ChecksumError, DownloadError, UnsafeArchiveError,
                                      download_url, file_hashes, untar_data)
 from local_http import serving
+from toy_catalogue import pin
 
 
 class _Handler(SimpleHTTPRequestHandler):
@@ -81,16 +82,6 @@ def make_zip(path: Path, files) -> Path:
     with zipfile.ZipFile(path, "w") as zf:
         for name, data in files: zf.writestr(name, data)
     return path
-
-
-def pin(monkeypatch, archive: Path, url: str, folder: str, **override) -> CatalogueEntry:
-    "Put an entry for `archive` (served at `url`) into the catalogue, pinned to its real size and hashes."
-    h = file_hashes(archive)
-    fields = dict(name="TOY", url=url, folder=folder, size=h["size"], sha256=h["sha256"],
-                  md5_first_mib=h["md5_first_mib"], checksum_source="test", licence="test", citation="test")
-    entry = CatalogueEntry(**(fields | override))
-    monkeypatch.setitem(CATALOGUE, "TOY", entry)
-    return entry
 
 
 GOOD_FILES = [("toyset/labels.csv", b"name,label\na.png,cat\n"), ("toyset/images/a.png", b"\x89PNG fake")]

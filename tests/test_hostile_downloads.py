@@ -23,9 +23,10 @@ import pytest
 
 from coursekit import cli
 from coursekit.data import external
-from coursekit.data.external import (CATALOGUE, CatalogueEntry, ChecksumError, DownloadError, UnreadableArchiveError,
-                                     UnsafeArchiveError, download_url, file_hashes, safe_extract, untar_data)
+from coursekit.data.external import (ChecksumError, DownloadError, UnreadableArchiveError,
+                                     UnsafeArchiveError, download_url, safe_extract, untar_data)
 from local_http import serving
+from toy_catalogue import pin
 
 
 # ---------------------------------------------------------------- servers and archives
@@ -116,16 +117,6 @@ def make_tar(path: Path, members, mode="w:gz") -> Path:
 
 
 GOOD = [tar_member("toyset/labels.csv", data=b"name,label\na.png,cat\n"), tar_member("toyset/a.png", data=b"PNG")]
-
-
-def pin(monkeypatch, archive: Path, url: str, folder: str = "toyset", **override) -> CatalogueEntry:
-    "Put an entry for `archive` (served at `url`) into the catalogue, pinned to its real size and hashes."
-    h = file_hashes(archive)
-    fields = dict(name="TOY", url=url, folder=folder, size=h["size"], sha256=h["sha256"],
-                  md5_first_mib=h["md5_first_mib"], checksum_source="test", licence="test", citation="test")
-    entry = CatalogueEntry(**(fields | override))
-    monkeypatch.setitem(CATALOGUE, "TOY", entry)
-    return entry
 
 
 def everything_under(folder: Path) -> list[str]:

@@ -119,6 +119,17 @@ def load_error(file: Path, **kwargs) -> Exception:
     return caught.value
 
 
+def load_error_and_peak(file):
+    "The error `load_learner(file)` raises, and the peak memory Python allocated while it ran."
+    tracemalloc.start()
+    try:
+        error = load_error(file)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return error, peak
+
+
 @pytest.fixture
 def opened(monkeypatch) -> list:
     "The names of the zip members opened for reading (i.e. inflated) while the test runs."
@@ -156,12 +167,7 @@ def test_a_weights_bomb_is_refused_without_using_memory(tmp_path, members):
     the size of the weights the model in model.json can hold, before a byte is inflated."""
     file = write_zip_streaming(tmp_path / "bomb.ck", members, "model.safetensors", bytes(MIB), 256)
     assert file.stat().st_size < 2 * MIB
-    tracemalloc.start()
-    try:
-        error = load_error(file)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak = load_error_and_peak(file)
     message = str(error)
     assert isinstance(error, ValueError), f"{type(error).__name__}: {message}"
     assert "bomb.ck" in message and "model.safetensors" in message and "limit" in message, message
@@ -172,12 +178,7 @@ def test_a_json_bomb_is_refused_without_using_memory(tmp_path, members):
     "A data.json of 80 MiB (valid JSON: whitespace, then the real spec) is refused before it is inflated."
     padding = b" " * MIB
     file = write_zip_streaming(tmp_path / "bomb.ck", members, "data.json", padding, 80, tail=members["data.json"])
-    tracemalloc.start()
-    try:
-        error = load_error(file)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak = load_error_and_peak(file)
     message = str(error)
     assert isinstance(error, ValueError), f"{type(error).__name__}: {message}"
     assert "data.json" in message and "limit" in message, message
@@ -191,12 +192,7 @@ def test_a_member_lying_about_its_size_is_read_with_a_bounded_reader(tmp_path, m
     bloated = json.dumps(spec).encode() + b" " * (50 * MIB)
     file = write_zip(tmp_path / "liar.ck", {**members, "model.json": bloated})
     set_declared_size(file, "model.json", 100)
-    tracemalloc.start()
-    try:
-        error = load_error(file)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    error, peak = load_error_and_peak(file)
     message = str(error)
     assert isinstance(error, ValueError), f"{type(error).__name__}: {message}"
     assert "liar.ck" in message and "model.json" in message, message

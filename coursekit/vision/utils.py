@@ -28,7 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from ..core import atomic_write, try_lock
-from .data import get_image_files
+from .data import ImageTooLargeError, check_image_size, get_image_files
 
 # %% ../../nbs/lessons/01b_cleaning_lib.ipynb #64488758
 TRASH_FOLDER = ".trash"
@@ -402,7 +402,6 @@ _FORMAT_EXTENSIONS = {"JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg"), "PNG"
 
 def _decode(path, max_pixels: int | None):
     "(format, None) when the file at `path` decodes fully as an image, else (format or None, what is wrong)."
-    limit = max_pixels or Image.MAX_IMAGE_PIXELS
     try:
         f = open(path, "rb")
     except PermissionError:
@@ -412,11 +411,12 @@ def _decode(path, max_pixels: int | None):
     with f, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         try:
+            check_image_size(path, "default" if max_pixels is None else max_pixels)  # the loaders' own limit
             with Image.open(f) as im:
-                fmt, (width, height) = im.format, im.size
-                if limit and width * height > limit:
-                    return fmt, f"too large: {width}×{height} pixels, more than {limit:,} (a decompression bomb?)"
+                fmt = im.format
                 im.load()
+        except ImageTooLargeError as err:
+            return None, f"too large: {err}"
         except Image.DecompressionBombError as err:
             return None, f"too large: {err}"
         except Image.UnidentifiedImageError:

@@ -141,12 +141,9 @@ def _is_leftover(candidate: Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # a live writer holds the lock
-        return False
+        return try_lock(fd)  # False: a live writer holds the lock
     finally:
         os.close(fd)
-    return True
 
 def remove_leftovers(file) -> list:
     "Delete the temporary files that killed `atomic_write`s of `file` left beside it (never a live writer's)."

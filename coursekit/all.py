@@ -6,14 +6,14 @@
 __all__ = []
 
 # %% ../nbs/core/99_all.ipynb #7948c8c9
-from . import core, losses, schedule, metrics, persist, learner, interpret
+from . import core, losses, schedule, metrics, persist, learner, callbacks, interpret
 from .data import external, core as data_core
 from .vision import data as vision_data, learner as vision_learner, utils as vision_utils
 from .vision import widgets as vision_widgets, multilabel, unet, segmentation
 from .text import core as text_core, data as text_data, models as text_models, learner as text_learner
 from .tabular import data as tabular_data, learner as tabular_lib, collab
 
-_MODULES = [core, losses, external, data_core, schedule, metrics, persist, learner, interpret,
+_MODULES = [core, losses, external, data_core, schedule, metrics, persist, learner, callbacks, interpret,
             vision_data, vision_learner, vision_utils, vision_widgets, multilabel, unet, segmentation,
             text_core, text_data, text_models, text_learner,
             tabular_data, tabular_lib, collab]
@@ -27,6 +27,7 @@ from .schedule import *
 from .metrics import *
 from .persist import *
 from .learner import *
+from .callbacks import *
 from .interpret import *
 from .vision.data import *
 from .vision.learner import *

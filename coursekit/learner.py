@@ -758,6 +758,11 @@ class PersistenceMixin:
         return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
 
 # %% ../nbs/core/06_learner.ipynb #24390e47
+def _brief(value, most: int = 100) -> str:
+    "`repr(value)`, cut to `most` characters."
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
+
 def settings_differences(saved: dict, current: dict) -> list:
     "The settings that differ between a checkpoint's fit (`saved`) and this one, in words."
     differences = []
@@ -767,11 +772,6 @@ def settings_differences(saved: dict, current: dict) -> list:
         if before != now:
             differences.append(f"{name} {_brief(before)} in the checkpoint, {_brief(now)} now")
     return differences
-
-def _brief(value, most: int = 100) -> str:
-    "`repr(value)`, cut to `most` characters."
-    text = repr(value)
-    return text if len(text) <= most else text[:most - 3] + "..."
 
 def stateful_callbacks(cbs) -> dict:
     "The callbacks with a `state_dict` (state a resumed fit needs), by class name: `Name`, `Name_2`, ..."
@@ -788,7 +788,7 @@ def stateful_callbacks(cbs) -> dict:
 class ResumeMixin:
     "Checkpoints a fit can resume from: `describe_fit`, `save_training_state`, `restore_training_state`."
     def describe_fit(self) -> dict:
-        "What a resumed fit must share with the interrupted one: epochs, data, optimizer, rates, schedules, metrics."
+        "What a resumed fit must share with the interrupted one: epochs, data, optimizer, rates, freezing, schedules..."
         groups = self.opt.param_groups
         schedulers = [cb for cb in self.cbs if isinstance(cb, ParamScheduler)]
         return {"n_epoch": self.n_epoch,
@@ -800,6 +800,7 @@ class ResumeMixin:
                 "clip": self.clip,
                 "lr": rounded_floats([group["lr"] for group in groups]),
                 "wd": rounded_floats([group["wd"] for group in groups]),
+                "trainable": [sum(param.requires_grad for param in group["params"]) for group in groups],
                 "metrics": list(self.recorder.metric_names),
                 "schedules": [scheduler.samples() for scheduler in schedulers]}
 

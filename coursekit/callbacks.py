@@ -6,7 +6,7 @@ model when it improves, stop when it no longer does, lower the learning rate, lo
 # %% auto #0
 __all__ = ['TrackerCallback', 'SaveModelCallback', 'EarlyStoppingCallback', 'ReduceLROnPlateau', 'CSVLogger']
 
-# %% ../nbs/core/10_callbacks.ipynb #772fcb44
+# %% ../nbs/core/10_callbacks.ipynb #9e17613b
 import math
 import time
 from pathlib import Path
@@ -17,7 +17,7 @@ import pandas as pd
 from .core import atomic_write
 from .learner import Callback, CancelFitException, LRFinder
 
-# %% ../nbs/core/10_callbacks.ipynb #cb74227e
+# %% ../nbs/core/10_callbacks.ipynb #fde522fb
 class TrackerCallback(Callback):
     "Watches the recorder's `monitor` column and notes at each epoch whether it improved on the best so far."
     order = 60
@@ -66,7 +66,7 @@ class TrackerCallback(Callback):
         "Go on with the best value of an interrupted fit."
         self.best = state["best"]
 
-# %% ../nbs/core/10_callbacks.ipynb #a8438b7c
+# %% ../nbs/core/10_callbacks.ipynb #3c6ed94c
 class SaveModelCallback(TrackerCallback):
     "Saves the model when `monitor` improves (or every epoch) in checkpoints a fit can resume from; loads the best at the end."
     order = 70
@@ -99,7 +99,7 @@ class SaveModelCallback(TrackerCallback):
             learn.load(self.fname, with_opt=self.with_opt)
         super().after_fit(learn)
 
-# %% ../nbs/core/10_callbacks.ipynb #88620adc
+# %% ../nbs/core/10_callbacks.ipynb #b16ddf76
 class EarlyStoppingCallback(TrackerCallback):
     "Stops the fit when `monitor` has not improved for `patience` epochs."
     order = 75
@@ -134,7 +134,7 @@ class EarlyStoppingCallback(TrackerCallback):
         self.best = state["best"]
         self.wait = state["wait"]
 
-# %% ../nbs/core/10_callbacks.ipynb #4f55e15a
+# %% ../nbs/core/10_callbacks.ipynb #fc0229c1
 class ReduceLROnPlateau(TrackerCallback):
     "Divides the learning rates by `factor` (down to `min_lr`) when `monitor` has not improved for `patience` epochs."
     order = 62
@@ -174,7 +174,7 @@ class ReduceLROnPlateau(TrackerCallback):
         self.best = state["best"]
         self.wait = state["wait"]
 
-# %% ../nbs/core/10_callbacks.ipynb #0b222498
+# %% ../nbs/core/10_callbacks.ipynb #e2785a9a
 def _mm_ss(seconds: float) -> str:
     "Minutes and seconds, `mm:ss`."
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"

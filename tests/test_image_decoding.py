@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from coursekit.vision.data import ImageDataLoaders, Resize, load_image
+from coursekit.vision.data import ImageDataLoaders, Resize, load_image, open_image
 from coursekit.vision.utils import verify_images
 
 RNG = np.random.default_rng(0)
@@ -352,3 +352,13 @@ def test_reading_an_image_never_changes_its_file(tmp_path):
         load_image(opened)
         assert opened.getexif().get(0x0112) == 6, "loading a PIL image changed the caller's image"
     assert (tmp_path / "photo.jpg").read_bytes() == before
+
+
+def test_open_image_shows_what_the_model_sees(tmp_path):
+    stored, exif = with_orientation(upright_picture(), 8)
+    stored.save(tmp_path / "photo.png", exif=exif)
+    Image.fromarray(np.full((HEIGHT, WIDTH), 65535, dtype=np.uint16)).save(tmp_path / "deep.png")
+    shown = open_image(tmp_path / "photo.png")
+    assert shown.mode == "RGB" and shown.size == (WIDTH, HEIGHT)
+    assert np.array_equal(np.asarray(shown), upright_picture())
+    assert np.asarray(open_image(tmp_path / "deep.png")).min() == 255

@@ -5,7 +5,7 @@
 
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_files', 'tensor_from_pil', 'ImageTooLargeError',
-           'check_image_size', 'open_image', 'load_image', 'load_mask', 'can_decode', 'MaskToLong', 'ImageBlock',
+           'check_image_size', 'load_image', 'open_image', 'load_mask', 'can_decode', 'MaskToLong', 'ImageBlock',
            'MaskBlock', 'Resize', 'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms',
            'Normalize', 'NameLabeller', 'keep_decodable', 'resolve_fnames', 'ImageDataLoaders',
            'SegmentationDataLoaders']
@@ -195,14 +195,6 @@ def _decode_file(path, max_pixels) -> torch.Tensor:
             im.close()
     return _to_uint8(pixels)
 
-def open_image(path, max_pixels: int | None | str = "default") -> Image.Image:
-    "The image file at `path` as a loaded PIL image the right way up (EXIF orientation applied), at most `max_pixels`."
-    im = _open_checked(path, max_pixels)
-    if im is None:
-        raise ValueError(f"PIL cannot read the image {path}.")
-    with im:
-        return ImageOps.exif_transpose(im)
-
 def load_image(o, max_pixels: int | None | str = "default") -> torch.Tensor:
     "An RGB image as uint8 (3, H, W), the right way up: from a file (at most `max_pixels`), PIL image, array or tensor."
     if isinstance(o, (str, Path)):
@@ -210,6 +202,10 @@ def load_image(o, max_pixels: int | None | str = "default") -> torch.Tensor:
     if isinstance(o, Image.Image):
         return tensor_from_pil(ImageOps.exif_transpose(o))
     return _to_rgb(_to_uint8(_to_chw(o)))
+
+def open_image(path, max_pixels: int | None | str = "default") -> Image.Image:
+    "The image file at `path` as the RGB PIL image the model sees (upright, in range), for thumbnails and plots."
+    return Image.fromarray(load_image(path, max_pixels).permute(1, 2, 0).numpy())
 
 def load_mask(o, max_pixels: int | None | str = "default") -> torch.Tensor:
     "A mask as a uint8 tensor (H, W) of class indices: from a one-channel or palette image file, PIL image, array or tensor."

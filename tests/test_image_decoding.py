@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from coursekit.vision.data import ImageDataLoaders, Resize, load_image, open_image
+from coursekit.vision.data import ImageDataLoaders, Resize, can_decode, keep_decodable, load_image, open_image
 from coursekit.vision.utils import verify_images
 
 RNG = np.random.default_rng(0)
@@ -362,3 +362,18 @@ def test_open_image_shows_what_the_model_sees(tmp_path):
     assert shown.mode == "RGB" and shown.size == (WIDTH, HEIGHT)
     assert np.array_equal(np.asarray(shown), upright_picture())
     assert np.asarray(open_image(tmp_path / "deep.png")).min() == 255
+
+
+def test_formats_only_pil_reads_are_kept_and_their_damage_reported(tmp_path):
+    "BMP and TIFF (which verify_images accepts) decode too; a truncated one fails with the note naming the file."
+    image, _ = rgb()
+    for fmt in ("BMP", "TIFF"):
+        image.save(tmp_path / f"good.{fmt.lower()}", format=fmt)
+    good = sorted(tmp_path.iterdir())
+    assert keep_decodable(good) == good
+    data = (tmp_path / "good.tiff").read_bytes()
+    (tmp_path / "cut.tiff").write_bytes(data[: len(data) // 2])
+    assert not can_decode(tmp_path / "cut.tiff")
+    with pytest.raises(OSError, match="truncated") as caught:
+        load_image(tmp_path / "cut.tiff")
+    assert "cut.tiff" in caught.value.__notes__[0] and "verify_images" in caught.value.__notes__[0]

@@ -721,7 +721,7 @@ class PersistenceMixin:
         return self
 
     def export(self, fname="export.ck") -> Path:
-        "Write model weights, model spec, data spec and loss to a zip at `path/fname`, atomically (see `load_learner`)."
+        "Write weights, model spec, data spec and loss to a zip at `path/fname`, atomically, if `load_learner` gives it back."
         return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
 
 # %% ../nbs/core/06_learner.ipynb #1ce09702

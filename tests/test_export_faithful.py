@@ -302,3 +302,28 @@ def test_a_transform_defined_in_main_is_refused_at_export_time(tmp_path):
     assert run.returncode != 0, "the export of a __main__ transform was written"
     assert "UnfaithfulExportError" in run.stderr and "__main__" in run.stderr and "Double" in run.stderr, run.stderr
     assert not (tmp_path / "model.ck").exists()
+
+
+@exportable
+def users_mlp(n_in: int, n_out: int) -> nn.Sequential:
+    "A model builder of the user's own, registered outside coursekit."
+    return simple_mlp(n_in, n_out, hidden=[8])
+
+
+def test_a_model_builder_outside_coursekit_is_refused(tmp_path):
+    "load_learner builds only coursekit's registered builders: a spec naming the user's own could never load."
+    learn = mlp_learner(tmp_path)
+    learn.model_spec = exportable_spec(users_mlp, n_in=3, n_out=2)
+    message = refused(learn)
+    assert "users_mlp (from" in message and "learn.save" in message, message
+
+
+def test_a_loaded_learner_exports_again(tmp_path):
+    "Loaders without data (as load_learner makes them): no batch to compare, the model and weights are still checked."
+    loaded = load_learner(mlp_learner(tmp_path).export("first.ck"), device="cpu")
+    loaded.path = tmp_path
+    again = load_learner(loaded.export("again.ck"), device="cpu")
+    item = torch.tensor([1.0, 1.0, -1.0])
+    assert again.predict(item)[2].tolist() == loaded.predict(item)[2].tolist()
+    loaded.model.append(nn.Softmax(dim=1))
+    assert "Softmax" in refused(loaded, "changed.ck")

@@ -5,7 +5,8 @@ runs `fine_tune(1, freeze_epochs=1)`: one epoch with the body frozen, then one w
 trainable. A callback records the validation loss at the end of each stage. Two small tasks from the
 offline mirror (`COURSEKIT_MIRROR`):
 
-- `mnist`: MNIST_SAMPLE, handwritten 3 vs 7, a subset of the train and valid folders, at `--mnist-size` px;
+- `mnist`: MNIST_SAMPLE, handwritten 3 vs 7 (its train and valid folders pooled, every `--mnist-every`-th image),
+  20% held out (split by seed 42), at `--mnist-size` px;
 - `pets`: Oxford-IIIT Pet (mirror subset), cat vs dog (a capitalised file name is a cat), 20% held out
   (split by seed 42, the same for every run), at `--pets-size` px.
 

@@ -53,8 +53,8 @@ def transform_spec(tfm: Transform) -> dict:
     try:
         return exportable_spec(type(tfm), **tfm.state())
     except ValueError as err:
-        err.add_note(f"{type(tfm).__name__} cannot be exported: define it in a coursekit module "
-                     "and decorate the class with @exportable.")
+        err.add_note(f"{type(tfm).__name__} cannot be exported: use one of coursekit's transforms, or keep the "
+                     "weights with learn.save() and rebuild the loaders in code before learn.load().")
         raise
 
 def sort_transforms(tfms) -> list:

@@ -691,14 +691,14 @@ class PredictionMixin:
         probs, _, decoded = self.get_preds(dl=self.dls.test_dl([item]), with_decoded=True)
         return self.dls.decode_target(decoded[0]), decoded[0], probs[0]
 
-    def show_results(self, max_n: int = 9):
-        "Show a validation batch with targets and decoded predictions (drawn by `dls.show_results`)."
+    def show_results(self, max_n: int = 9) -> None:
+        "Draw a validation batch with actual and decoded predicted targets (by `dls.show_results`)."
         batch = self.dls.valid.one_batch()
         self.model.eval()
         with torch.no_grad(), self.autocast():
             preds = self.model(*batch[:self.dls.n_inp]).float()
         decoded = decode_preds(self.loss_func, activate_preds(self.loss_func, preds))
-        return self.dls.show_results(batch, decoded, max_n=max_n)
+        self.dls.show_results(batch, decoded, max_n=max_n)
 
 # %% ../nbs/core/06_learner.ipynb #d517b557
 class PersistenceMixin:

@@ -19,8 +19,9 @@ from torch import nn  # noqa: E402
 from coursekit.data.external import URLs, untar_data  # noqa: E402
 from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation  # noqa: E402
 from coursekit.learner import Learner  # noqa: E402
-from coursekit.vision.data import ImageDataLoaders, Resize, get_image_files  # noqa: E402
+from coursekit.vision.data import ImageDataLoaders, Resize, SegmentationDataLoaders, get_image_files  # noqa: E402
 from coursekit.vision.multilabel import make_planet_standin, tags_from_masks  # noqa: E402
+from coursekit.vision.segmentation import SegmentationInterpretation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("COURSEKIT_MIRROR", str(ROOT.parent / "shared" / "datasets"))
@@ -58,6 +59,17 @@ def mnist_learner() -> Learner:
     dls = ImageDataLoaders.from_df(table, mnist, item_tfms=Resize(28), bs=16, seed=0, device="cpu")
     torch.manual_seed(0)
     return Learner(dls, tiny_cnn(dls.c), cbs=[])
+
+
+def camvid_segmentation_learner() -> Learner:
+    "A segmentation learner on 12 CamVid scenes with a one-layer model (its masks are poor, and that is fine here)."
+    camvid = untar_data(URLs.CAMVID_TINY)
+    codes = np.loadtxt(camvid / "codes.txt", dtype=str)
+    files = get_image_files(camvid / "images")[:12]
+    dls = SegmentationDataLoaders.from_label_func(camvid, files, lambda f: camvid / "labels" / f"{f.stem}_P{f.suffix}",
+                                                  codes=codes, item_tfms=Resize((24, 32)), bs=4, seed=0, device="cpu")
+    torch.manual_seed(0)
+    return Learner(dls, nn.Conv2d(3, len(codes), 3, padding=1), cbs=[])
 
 
 @pytest.fixture(scope="module")
@@ -135,21 +147,38 @@ def test_titles_read_actual_then_predicted_everywhere():
     plt.close("all")
 
 
+def test_segmentation_titles_read_actual_then_predicted():
+    learn = camvid_segmentation_learner()
+    learn.show_results(max_n=2)
+    assert [ax.get_title() for ax in plt.gcf().axes] == ["actual", "predicted"] * 2
+    plt.close("all")
+    interp = SegmentationInterpretation.from_learner(learn)
+    assert interp.plot_top_losses(2) is None
+    losses = interp.top_losses(2)[0].tolist()
+    assert [ax.get_title() for ax in plt.gcf().axes] == [f"actual (loss {losses[0]:.2f})", "predicted",
+                                                          f"actual (loss {losses[1]:.2f})", "predicted"]
+    plt.close("all")
+
+
 DISPLAY_SETUP = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_interpret_plots import camvid_tags_learner, mnist_learner
+from test_interpret_plots import camvid_segmentation_learner, camvid_tags_learner, mnist_learner
 %matplotlib inline
 from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation
+from coursekit.vision.segmentation import SegmentationInterpretation
 learn = mnist_learner()
 interp = ClassificationInterpretation.from_learner(learn)
 ml_learn = camvid_tags_learner()
 ml_interp = MultiLabelClassificationInterpretation.from_learner(ml_learn)
+seg_learn = camvid_segmentation_learner()
+seg_interp = SegmentationInterpretation.from_learner(seg_learn)
 """
 
 PLOT_CELLS = ["learn.dls.show_batch(max_n=4)", "learn.show_results(max_n=4)", "interp.plot_confusion_matrix()",
               "interp.plot_top_losses(4)", "ml_learn.dls.show_batch(max_n=4)", "ml_learn.show_results(max_n=4)",
-              "ml_interp.plot_confusion_matrix()", "ml_interp.plot_top_losses(4)"]
+              "ml_interp.plot_confusion_matrix()", "ml_interp.plot_top_losses(4)", "seg_learn.dls.show_batch(max_n=4)",
+              "seg_learn.show_results(max_n=2)", "seg_interp.plot_top_losses(2)"]
 
 
 def test_each_plot_shows_once_in_a_notebook(tmp_path, monkeypatch):

@@ -42,7 +42,8 @@ class Interpretation:
         if isinstance(item, (str, Path)):
             return Image.open(item).convert("RGB")
         image = self.dl.dataset[idx][0]
-        return image.permute(1, 2, 0).cpu() if image.ndim == 3 else image.cpu()
+        image = image.permute(1, 2, 0) if image.ndim == 3 else image
+        return image.cpu().numpy()
 
     def _plot_items(self, idxs: list, titles: list, legend: str, ncols: int, figsize):
         "Draw the images of items `idxs` in a grid, each with its title, and `legend` above them all."

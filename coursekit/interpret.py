@@ -49,11 +49,13 @@ class Interpretation:
         "Draw the images of items `idxs` in a grid, each with its title, and `legend` above them all."
         nrows = math.ceil(len(idxs) / ncols)
         fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (4 * ncols, 4 * nrows), squeeze=False)
-        for ax, idx, title in zip(axs.flat, idxs, titles):
+        axs = list(axs.flat)
+        for ax, idx, title in zip(axs, idxs, titles):
             ax.imshow(self._item_image(idx))
             ax.set_title(title, fontsize=9)
-        for ax in axs.flat:
             ax.axis("off")
+        for ax in axs[len(idxs):]:
+            ax.remove()  # so that the figure's axes are exactly the pictures
         fig.suptitle(legend)
         fig.tight_layout()
 

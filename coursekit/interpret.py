@@ -48,7 +48,8 @@ class Interpretation:
     def _plot_items(self, idxs: list, titles: list, legend: str, ncols: int, figsize):
         "Draw the images of items `idxs` in a grid, each with its title, and `legend` above them all."
         nrows = math.ceil(len(idxs) / ncols)
-        fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (4 * ncols, 4 * nrows), squeeze=False)
+        fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (4 * ncols, 4 * nrows), squeeze=False,
+                                layout="constrained")  # room for titles of several lines
         axs = list(axs.flat)
         for ax, idx, title in zip(axs, idxs, titles):
             ax.imshow(self._item_image(idx))
@@ -57,7 +58,6 @@ class Interpretation:
         for ax in axs[len(idxs):]:
             ax.remove()  # so that the figure's axes are exactly the pictures
         fig.suptitle(legend)
-        fig.tight_layout()
 
 # %% ../nbs/core/08_interpret.ipynb #ae9f3de2
 def check_single_label(targs: torch.Tensor):

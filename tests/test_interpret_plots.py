@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from nbclient import NotebookClient  # noqa: E402
 from torch import nn  # noqa: E402
 
+from coursekit.data.core import result_title  # noqa: E402
 from coursekit.data.external import URLs, untar_data  # noqa: E402
 from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation  # noqa: E402
 from coursekit.learner import Learner  # noqa: E402
@@ -123,8 +124,8 @@ def test_multilabel_plots_draw_tags(camvid_learn):
     axs = [ax for ax in plt.gcf().axes if ax.images]
     losses, idxs = interp.top_losses(2)
     first = int(idxs[0])
-    assert axs[0].get_title().startswith(f"{';'.join(interp.actual_labels(first))}/")
-    assert f"{';'.join(interp.predicted_labels(first))}" in axs[0].get_title()
+    actual, predicted = ";".join(interp.actual_labels(first)), ";".join(interp.predicted_labels(first))
+    assert axs[0].get_title() == f"{result_title(actual, predicted)}\n{losses[0]:.2f}"
     assert interp.plot_confusion_matrix() is None
     assert [t.get_text() for t in plt.gcf().axes[0].get_xticklabels()] == ["TP", "FP", "FN", "TN"]
     plt.close("all")

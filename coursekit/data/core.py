@@ -12,6 +12,7 @@ __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms'
 
 # %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -644,7 +645,8 @@ def _grid(n: int, ncols: int, figsize=None) -> list:
     "A flat list of `n` matplotlib axes in rows of `ncols`, in a new figure; unused places stay empty."
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False,
+                            layout="constrained")  # room for titles of several lines
     axs = list(axs.flat)
     for ax in axs[n:]:
         ax.remove()  # so that the figure's axes are exactly the pictures
@@ -657,10 +659,15 @@ def _finish_axis(ax, title: str, color: str = "black"):
         ax.set_yticks([])
 
 # %% ../../nbs/core/03_data_core.ipynb #b2d8f4e3
-def result_title(actual: str, predicted: str, width: int = 30) -> str:
-    "The title of a result picture: `actual/predicted`, broken after the `/` when longer than `width` characters."
-    separator = "/" if len(actual) + len(predicted) < width else "/\n"
-    return f"{actual}{separator}{predicted}"
+def result_title(actual: str, predicted: str, width: int = 36) -> str:
+    "The title of a result picture: `actual/predicted` on one line when short, else each part wrapped at `width` characters."
+    if len(actual) + len(predicted) < width:
+        return f"{actual}/{predicted}"
+    return f"{_wrap_labels(actual, width)}/\n{_wrap_labels(predicted, width)}"
+
+def _wrap_labels(labels: str, width: int) -> str:
+    "Labels joined by `;` (or any text) on lines of at most `width` characters, broken between labels or words."
+    return textwrap.fill(labels.replace(";", "; "), width)
 
 # %% ../../nbs/core/03_data_core.ipynb #2466e6f8
 def RandomSplitter(valid_pct: float = 0.2, seed: int | None = None) -> Callable:

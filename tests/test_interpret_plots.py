@@ -169,6 +169,7 @@ from test_interpret_plots import camvid_segmentation_learner, camvid_tags_learne
 from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation
 from coursekit.vision.segmentation import SegmentationInterpretation
 learn = mnist_learner()
+learn.fit(1, 1e-2)
 interp = ClassificationInterpretation.from_learner(learn)
 ml_learn = camvid_tags_learner()
 ml_interp = MultiLabelClassificationInterpretation.from_learner(ml_learn)
@@ -179,7 +180,8 @@ seg_interp = SegmentationInterpretation.from_learner(seg_learn)
 PLOT_CELLS = ["learn.dls.show_batch(max_n=4)", "learn.show_results(max_n=4)", "interp.plot_confusion_matrix()",
               "interp.plot_top_losses(4)", "ml_learn.dls.show_batch(max_n=4)", "ml_learn.show_results(max_n=4)",
               "ml_interp.plot_confusion_matrix()", "ml_interp.plot_top_losses(4)", "seg_learn.dls.show_batch(max_n=4)",
-              "seg_learn.show_results(max_n=2)", "seg_interp.plot_top_losses(2)"]
+              "seg_learn.show_results(max_n=2)", "seg_interp.plot_top_losses(2)", "learn.recorder.plot_loss(skip_start=0)",
+              "learn.recorder.plot_sched()"]
 
 
 def test_each_plot_shows_once_in_a_notebook(tmp_path, monkeypatch):

@@ -289,7 +289,7 @@ class Recorder(Callback):
             return {}
         return dict(zip(self.metric_names, self.values[-1]))
 
-    def plot_loss(self, skip_start: int = 5, with_valid: bool = True):
+    def plot_loss(self, skip_start: int = 5, with_valid: bool = True) -> None:
         "Plot the smoothed training loss of each batch, and the validation loss at the end of each epoch."
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(range(skip_start, len(self.losses)), self.losses[skip_start:], label="train")
@@ -298,16 +298,14 @@ class Recorder(Callback):
         ax.set_xlabel("batch")
         ax.set_ylabel("loss")
         ax.legend()
-        return ax
 
-    def plot_sched(self):
+    def plot_sched(self) -> None:
         "Plot the learning rate and momentum of each training batch."
         fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, values, title in zip(axs, (self.lrs, self.moms), ("learning rate", "momentum")):
             ax.plot(values)
             ax.set_title(title)
             ax.set_xlabel("batch")
-        return axs
 
 # %% ../nbs/core/06_learner.ipynb #99922e66
 def _format_time(seconds: float) -> str:
@@ -703,14 +701,14 @@ class PredictionMixin:
         probs, _, decoded = self.get_preds(dl=self.dls.test_dl([item]), with_decoded=True)
         return self.dls.decode_target(decoded[0]), decoded[0], probs[0]
 
-    def show_results(self, max_n: int = 9):
-        "Show a validation batch with targets and decoded predictions (drawn by `dls.show_results`)."
+    def show_results(self, max_n: int = 9) -> None:
+        "Draw a validation batch with actual and decoded predicted targets (by `dls.show_results`)."
         batch = self.dls.valid.one_batch()
         self.model.eval()
         with torch.no_grad(), self.autocast():
             preds = self.model(*batch[:self.dls.n_inp]).float()
         decoded = decode_preds(self.loss_func, activate_preds(self.loss_func, preds))
-        return self.dls.show_results(batch, decoded, max_n=max_n)
+        self.dls.show_results(batch, decoded, max_n=max_n)
 
 # %% ../nbs/core/06_learner.ipynb #d517b557
 class PersistenceMixin:

@@ -268,7 +268,7 @@ class CollabInterpretation:
         f = self.factors(ids, is_item)
         return pd.DataFrame(pca(torch.tensor(f.to_numpy()), k).numpy(), index=f.index, columns=[f"PC{i + 1}" for i in range(k)])
 
-    def plot_pca(self, ids, labels=None, x: int = 0, y: int = 1, k: int = 3, ax=None, figsize=(10, 10)):
+    def plot_pca(self, ids, labels=None, x: int = 0, y: int = 1, k: int = 3, ax=None, figsize=(10, 10)) -> None:
         "Scatter `ids` on two of their first `k` principal components, each point labelled (`labels`: id -> text)."
         p = self.pca(ids, k)
         if ax is None:
@@ -278,7 +278,6 @@ class CollabInterpretation:
             ax.text(px, py, str(labels[item] if labels is not None else item), fontsize=8)
         ax.set_xlabel(p.columns[x])
         ax.set_ylabel(p.columns[y])
-        return ax
 
     def most_similar(self, item, k: int = 10, among=None, is_item: bool = True) -> pd.Series:
         "The `k` items (or users) of `among` (default: all) whose factors are most cosine-similar to `item`'s, itself excluded."

@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 import torch.utils.data as tud
 
-from ..core import default_device, exportable, exportable_spec
+from ..core import default_device, display_or_print, exportable, exportable_spec
 from ..data.core import CategoryBlock, ColSplitter, DataLoaders, RandomSplitter, TransformBlock
 from .core import PAD, Vocab, tokenize_texts
 
@@ -280,7 +280,7 @@ class TextDataLoaders(DataLoaders):
             return LMDataLoader(ds, bs=bs or self.valid.bs, seq_len=self.valid.seq_len, device=self.device)
         return SortedDataLoader(ds, bs=bs or self.valid.bs, pad_idx=self.text_vocab.stoi[PAD], device=self.device)
 
-    def show_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
+    def decode_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
         "A table of decoded texts of a batch (default: one training batch) with their labels, or targets for a language model."
         x, *rest = self.one_batch() if batch is None else batch
         cut = lambda s: s if len(s) <= max_chars else s[:max_chars] + " ..."
@@ -291,15 +291,24 @@ class TextDataLoaders(DataLoaders):
                 row["target" if self.is_lm else "label"] = (cut(self.text_vocab.decode(rest[0][i])) if self.is_lm
                                                                  else self.decode_target(rest[0][i]))
             rows.append(row)
-        with pd.option_context("display.max_colwidth", max_chars + 10):
-            return pd.DataFrame(rows)
+        return pd.DataFrame(rows)
 
-    def show_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
-        "A table of decoded texts, targets and decoded predictions."
-        table = self.show_batch(batch, max_n=max_n, max_chars=max_chars)
+    def show_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> None:
+        "Display `decode_batch` once (a notebook table, or text), each text cut at `max_chars`."
+        with pd.option_context("display.max_colwidth", max_chars + 10):
+            display_or_print(self.decode_batch(batch, max_n=max_n, max_chars=max_chars))
+
+    def decode_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
+        "The `decode_batch` table with a classifier's decoded predictions beside the labels (`label_pred`)."
+        table = self.decode_batch(batch, max_n=max_n, max_chars=max_chars)
         if not self.is_lm:
-            table["prediction"] = [self.decode_target(p) for p in preds[:len(table)]]
+            table["label_pred"] = [self.decode_target(p) for p in preds[:len(table)]]
         return table
+
+    def show_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> None:
+        "Display `decode_results` (used by `Learner.show_results`)."
+        with pd.option_context("display.max_colwidth", max_chars + 10):
+            display_or_print(self.decode_results(batch, preds, max_n=max_n, max_chars=max_chars))
 
     def export_state(self) -> dict:
         "A JSON-able spec for `build_exportable`: the token vocabulary, the class names, the rules."

@@ -130,7 +130,7 @@ def text_classifier_learner(dls, arch=AWD_LSTM, config=None, drop_mult: float = 
                             max_len: int = 72 * 20, lin_ftrs=(50,), pretrained: bool = False, pretrained_fnames=None,
                             metrics=None, lr: float = 2e-3, wd: float = 0.01, clip: float = 0.1, cbs=None,
                             path=".") -> TextLearner:
-    "A classifier `TextLearner` (AWD-LSTM over whole reviews in chunks of `seq_len`, concat pooling, linear head); `pretrained`: WikiText-103 encoder, frozen."
+    "A classifier `TextLearner`: AWD-LSTM over whole reviews in chunks of `seq_len`, concat pooling, linear head."
     cfg = _config(arch, config, "clas")
     itos = dls.text_vocab.itos
     model = get_text_classifier(len(itos), dls.c, cfg, drop_mult, list(lin_ftrs), None, seq_len, max_len)

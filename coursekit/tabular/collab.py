@@ -7,7 +7,7 @@ dot-product and neural models, the learner and what can be read from a trained m
 __all__ = ['CollabProcessor', 'CollabDataLoaders', 'EmbeddingDotBias', 'EmbeddingNN', 'pca', 'CollabInterpretation',
            'collab_learner']
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #dbb018a9
+# %% ../../nbs/lessons/06_collab_lib.ipynb #f35fe0ed
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -20,7 +20,7 @@ from ..learner import Learner
 from .data import TabularDataLoader, as_dataframe, column_label
 from .learner import TabularModel, emb_sz_rule, embedding, sigmoid_range
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #4660ba1d
+# %% ../../nbs/lessons/06_collab_lib.ipynb #28c83f6b
 class CollabProcessor:
     "The user and item vocabularies: ids -> indices (a clear error for ids never seen) and back."
     def __init__(self, user_name, item_name, rating_name, classes):
@@ -81,7 +81,7 @@ class CollabProcessor:
         return {"user_name": self.user_name, "item_name": self.item_name, "rating_name": self.rating_name,
                 "classes": [[name, ids] for name, ids in self.classes.items()]}
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #04463305
+# %% ../../nbs/lessons/06_collab_lib.ipynb #ec13a1f7
 def _check_ratings(ratings: pd.DataFrame, user_name, item_name, rating_name):
     "Every rating a number, with a user and an item, and one rating per (user, item) pair."
     missing = [c for c in (user_name, item_name, rating_name) if c not in ratings.columns]
@@ -182,7 +182,7 @@ class CollabDataLoaders(DataLoaders):
         train = TabularDataLoader(empty, proc, bs=bs, n_inp=1, training=True)
         return cls(train, TabularDataLoader(empty, proc, bs=bs, n_inp=1), proc)
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #99878e33
+# %% ../../nbs/lessons/06_collab_lib.ipynb #c4e2404a
 @exportable
 class EmbeddingDotBias(nn.Module):
     "Rating = dot(user factors, item factors) + user bias + item bias, through a sigmoid scaled to `y_range`."
@@ -234,7 +234,7 @@ class EmbeddingDotBias(nn.Module):
         rows = self.indices(ids, is_item).to(layer.weight.device)
         return layer(rows).detach().cpu()
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #52fcdaa5
+# %% ../../nbs/lessons/06_collab_lib.ipynb #f275c5bb
 @exportable
 class EmbeddingNN(TabularModel):
     "A `TabularModel` on the concatenated user and item embeddings (no continuous inputs)."
@@ -245,7 +245,7 @@ class EmbeddingNN(TabularModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(x, None)[:, 0]
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #ad779e23
+# %% ../../nbs/lessons/06_collab_lib.ipynb #68871478
 def pca(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     "Project the rows of `x` on its first `k` principal components (centred; components ordered by variance)."
     x = x.float() - x.float().mean(0)
@@ -313,7 +313,7 @@ class CollabInterpretation:
         order = order[[everything.index[i] != item for i in order.tolist()]][:k]
         return pd.Series(sims[order].numpy(), index=[everything.index[i] for i in order.tolist()], name="similarity")
 
-# %% ../../nbs/lessons/06_collab_lib.ipynb #d2ee1acd
+# %% ../../nbs/lessons/06_collab_lib.ipynb #bf7d0e2c
 def _check_y_range(dls: "CollabDataLoaders", y_range):
     "The ratings the loaders hold must lie inside `y_range`, or the scaled sigmoid could never predict them."
     rows = [dl.items for dl in (dls.train, dls.valid) if dl.items is not None and len(dl.items)]

@@ -1,6 +1,8 @@
 """The spellings a fastai course or book user types (issue 12): each one works with fastai's meaning, or fails
 with a message that names coursekit's spelling. The table itself is in `nbs/core/11_from_fastai.ipynb`."""
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -196,5 +198,37 @@ def test_star_import_gives_the_torchvision_architectures_by_name():
 
 
 def test_star_import_gives_no_module_under_a_fastai_function_name():
-    import coursekit.all
-    assert not hasattr(coursekit.all, "vision_learner") or callable(coursekit.all.vision_learner)
+    vision_learner = star_import()["vision_learner"]
+    with pytest.raises(TypeError, match="coursekit calls it cnn_learner"):
+        vision_learner(None, torchvision.models.resnet34)
+
+
+@pytest.mark.parametrize("name,ours", [("ImageDataBunch", "ImageDataLoaders"), ("get_transforms", "aug_transforms"),
+                                       ("DataBunch", "DataLoaders"), ("create_cnn", "cnn_learner"),
+                                       ("TabularPandas", "TabularDataLoaders.from_df"),
+                                       ("TextClasDataBunch", "TextDataLoaders"), ("CollabDataBunch", "CollabDataLoaders")])
+def test_fastai_names_name_coursekit_ones(name, ours):
+    signpost = star_import()[name]
+    with pytest.raises(TypeError, match=f"coursekit calls it {ours}"):
+        signpost()
+    with pytest.raises(AttributeError, match=f"coursekit calls it {ours}"):
+        signpost.from_folder
+
+
+@pytest.mark.parametrize("make", ["tabular", "collab", "text"])
+def test_show_batch_rows_names_max_n(make, tmp_path):
+    if make == "tabular":
+        dls = TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                         cont_names=["age"], y_names="salary", device="cpu")
+    elif make == "collab":
+        dls = CollabDataLoaders.from_df(ratings(), item_name="title", device="cpu")
+    else:
+        dls = TextDataLoaders.from_df(reviews(), bs=8, cache_dir=tmp_path, device="cpu")
+    with pytest.raises(TypeError, match="takes max_n=, not fastai's rows="):
+        dls.show_batch(rows=3)
+
+
+def test_star_import_patches_no_other_library():
+    check = ("import pathlib, torch\nfrom coursekit.all import *\n"
+             "assert not hasattr(pathlib.Path, 'ls'), 'Path.ls'\nassert not hasattr(torch.Tensor, 'pca'), 'Tensor.pca'")
+    subprocess.run([sys.executable, "-c", check], check=True)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core import display_or_print, exportable, exportable_spec
 from ..data.core import DataLoaders, RandomSplitter, RegressionBlock, TransformBlock
+from ..from_fastai import renamed_keywords
 from ..learner import Learner
 from .data import TabularDataLoader, as_dataframe, column_label
 from .learner import TabularModel, emb_sz_rule, embedding, sigmoid_range
@@ -155,6 +156,7 @@ class CollabDataLoaders(DataLoaders):
         "The first `max_n` rows of a batch with ids instead of indices."
         return self.processor.decode(batch[0][:max_n], batch[1][:max_n] if len(batch) > 1 else None)
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch: tuple | None = None, max_n: int = 9):
         "Display up to `max_n` (user, item, rating) rows of a batch (default: a training batch)."
         display_or_print(self.decode_batch(self.one_batch() if batch is None else batch, max_n))

@@ -17,6 +17,7 @@ import torch
 import torch.utils.data as tud
 
 from ..core import build_exportable, display_or_print, exportable, exportable_spec
+from ..from_fastai import renamed_keywords
 from ..data.core import (
     CategoryBlock, DataLoader, DataLoaders, IndexSplitter, RandomSplitter, RegressionBlock, TransformBlock, block_spec)
 
@@ -496,6 +497,7 @@ class TabularDataLoaders(DataLoaders):
         y = batch[2][:max_n] if len(batch) > 2 else None
         return self.processor.decode(batch[0][:max_n], batch[1][:max_n], y)
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch: tuple | None = None, max_n: int = 9):
         "Display up to `max_n` rows of a batch (default: a training batch), decoded to the original values."
         display_or_print(self.decode_batch(self.one_batch() if batch is None else batch, max_n))

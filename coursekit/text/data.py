@@ -18,6 +18,7 @@ import torch
 import torch.utils.data as tud
 
 from ..core import default_device, exportable, exportable_spec
+from ..from_fastai import renamed_keywords
 from ..data.core import CategoryBlock, ColSplitter, DataLoaders, RandomSplitter, TransformBlock
 from .core import PAD, UNK, Vocab, tokenize_texts
 
@@ -292,6 +293,7 @@ class TextDataLoaders(DataLoaders):
             return LMDataLoader(ds, bs=bs or self.valid.bs, seq_len=self.valid.seq_len, device=self.device)
         return SortedDataLoader(ds, bs=bs or self.valid.bs, pad_idx=self.text_vocab.stoi[PAD], device=self.device)
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
         "A table of decoded texts of a batch (default: one training batch) with their labels, or targets for a language model."
         x, *rest = self.one_batch() if batch is None else batch

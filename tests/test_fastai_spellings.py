@@ -10,13 +10,20 @@ import pytest
 import torch
 import torchvision
 
+from coursekit.core import set_seed
+from coursekit.data.external import URLs, untar_data
 from coursekit.learner import load_learner
+from coursekit.metrics import accuracy
 from coursekit.tabular.collab import CollabDataLoaders, CollabInterpretation, collab_learner, pca
 from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
+from coursekit.tabular.learner import tabular_learner
 from coursekit.text.data import TextDataLoaders
 from coursekit.text.learner import text_classifier_learner
 from coursekit.text.models import AWD_CONFIGS, get_language_model
 from coursekit.vision.data import Normalize
+
+ADULT_CATS = ["workclass", "education", "marital-status", "occupation", "relationship", "race"]
+ADULT_CONTS = ["age", "fnlwgt", "education-num"]
 
 
 def ratings() -> pd.DataFrame:
@@ -232,3 +239,45 @@ def test_star_import_patches_no_other_library():
     check = ("import pathlib, torch\nfrom coursekit.all import *\n"
              "assert not hasattr(pathlib.Path, 'ls'), 'Path.ls'\nassert not hasattr(torch.Tensor, 'pca'), 'Tensor.pca'")
     subprocess.run([sys.executable, "-c", check], check=True)
+
+
+# --- the course's flows on the mirror data, judged against a trivial baseline ------------------------------------------
+
+def test_tabular_as_the_course_spells_it_beats_the_majority_class():
+    path = untar_data(URLs.ADULT_SAMPLE)
+    with pytest.raises(TypeError, match="Standardize"):                 # the course's procs name ours
+        TabularDataLoaders.from_csv(path / "adult.csv", path=path, y_names="salary", cat_names=ADULT_CATS,
+                                    cont_names=ADULT_CONTS, procs=[Categorify, FillMissing, Normalize])
+    set_seed(0)
+    dls = TabularDataLoaders.from_csv(path / "adult.csv", path=path, y_names="salary", cat_names=ADULT_CATS,
+                                      cont_names=ADULT_CONTS, procs=[Categorify, FillMissing, Standardize], seed=42,
+                                      bs=256, device="cpu")
+    learn = tabular_learner(dls, metrics=accuracy)
+    with learn.no_bar():
+        learn.fit_one_cycle(1, 1e-2)
+    majority = dls.valid.items["salary"].value_counts(normalize=True).max()
+    assert learn.validate()[1] > majority + 0.03
+
+
+def test_collab_as_the_course_spells_it_beats_the_mean_rating():
+    path = untar_data(URLs.ML_100k)
+    ratings = pd.read_csv(path / "u.data", delimiter="\t", header=None, names=["user", "movie", "rating", "timestamp"])
+    movies = pd.read_csv(path / "u.item", delimiter="|", encoding="latin-1", usecols=(0, 1), names=("movie", "title"),
+                         header=None)
+    ratings = ratings.merge(movies)
+    with pytest.raises(ValueError, match="groupby"):       # two movies share a title: the error says how to merge them
+        CollabDataLoaders.from_df(ratings, item_name="title", bs=64)
+    ratings = ratings.groupby(["user", "title"], as_index=False)["rating"].mean()
+    set_seed(0)
+    dls = CollabDataLoaders.from_df(ratings, item_name="title", bs=256, seed=42, device="cpu")
+    learn = collab_learner(dls, n_factors=50, y_range=(0, 5.5))
+    with learn.no_bar():
+        learn.fit_one_cycle(2, 5e-3, wd=0.1)
+    train_mean = dls.train.items["rating"].mean()
+    baseline = ((dls.valid.items["rating"] - train_mean) ** 2).mean()
+    assert learn.validate()[0] < baseline - 0.15
+    g = ratings.groupby("title")["rating"].count()
+    top_movies = g.sort_values(ascending=False).index.values[:100]
+    movie_bias = learn.model.bias(top_movies, is_item=True)
+    movie_pca = pca(learn.model.weight(top_movies, is_item=True), 3)
+    assert movie_bias.shape == (100,) and movie_pca.shape == (100, 3)

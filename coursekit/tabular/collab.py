@@ -260,7 +260,9 @@ class CollabInterpretation:
         if not isinstance(model, EmbeddingDotBias):
             raise TypeError(f"CollabInterpretation reads an EmbeddingDotBias model (collab_learner(use_nn=False)), "
                             f"got {type(model).__name__}, which has no bias()/weight().")
-        model.indices([], is_item=True)                      # the model must know its ids
+        if model.classes is None:
+            raise ValueError("CollabInterpretation reads a model that knows its user and item ids: use "
+                             "CollabInterpretation.from_learner(learn), or build the model with EmbeddingDotBias.from_classes.")
         self.model = model
 
     @classmethod

@@ -6,11 +6,11 @@ steer the loop."""
 # %% auto #0
 __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'PRECISION_SETTERS', 'CancelBatchException', 'CancelEpochException',
            'CancelFitException', 'Callback', 'trainable_params', 'param_groups', 'lrs_for_groups', 'group_momentum',
-           'set_opt_hyper', 'decayed_params', 'decay_weights', 'freeze_groups', 'hold_frozen_bn', 'grad_scaler',
-           'autocast_context', 'Recorder', 'ProgressCallback', 'ParamScheduler', 'minimum', 'steep', 'valley',
-           'LRFinder', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds',
-           'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'Learner',
-           'load_learner', 'simple_mlp']
+           'set_opt_hyper', 'decayed_params', 'decay_weights', 'freeze_groups', 'frozen_bn_layers', 'hold_bn',
+           'grad_scaler', 'autocast_context', 'Recorder', 'ProgressCallback', 'ParamScheduler', 'minimum', 'steep',
+           'valley', 'LRFinder', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin', 'PrecisionMixin',
+           'activate_preds', 'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin',
+           'PersistenceMixin', 'Learner', 'load_learner', 'simple_mlp']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -175,11 +175,20 @@ def freeze_groups(model: nn.Module, groups: list, n_frozen: int, train_bn: bool)
         for param in params:
             param.requires_grad_(index >= n_frozen or id(param) in batchnorm)
 
-def hold_frozen_bn(model: nn.Module):
-    "Put the batchnorm layers whose parameters are all frozen in eval mode (their statistics then stay as they are)."
+def frozen_bn_layers(model: nn.Module, groups: list, n_frozen: int) -> list:
+    "The batchnorm layers of `model` that have parameters, all of them in the first `n_frozen` groups."
+    frozen = {id(param) for params in groups[:n_frozen] for param in params}
+    layers = []
     for module in model.modules():
-        if isinstance(module, BN_TYPES) and not any(param.requires_grad for param in module.parameters()):
-            module.eval()
+        params = {id(param) for param in module.parameters()}
+        if isinstance(module, BN_TYPES) and params and params <= frozen:
+            layers.append(module)
+    return layers
+
+def hold_bn(layers: list):
+    "Put the batchnorm `layers` in eval mode: they normalise with their running statistics and leave them as they are."
+    for layer in layers:
+        layer.eval()
 
 # %% ../nbs/core/06_learner.ipynb #627c213b
 AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -574,12 +583,15 @@ class ParamGroupsMixin:
         set_opt_hyper(self.opt, name, value)
 
     def freeze_to(self, n: int):
-        "Freeze the first `n` parameter groups (negative `n` counts from the end) and unfreeze the others."
+        "Freeze the first `n` groups (negative: from the end), unfreeze the others; `train_bn=False` holds their batchnorm."
         if self.opt is None:
             self.create_opt()
         groups = [group["params"] for group in self.opt.param_groups]
         n_frozen = n if n >= 0 else len(groups) + n
         freeze_groups(self.model, groups, n_frozen, self.train_bn)
+        if not self.train_bn:
+            frozen = frozen_bn_layers(self.model, groups, n_frozen)
+            self.held_bn += [layer for layer in frozen if layer not in self.held_bn]
 
     def freeze(self):
         "Freeze every parameter group but the last (the head)."
@@ -749,6 +761,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         self.wd = wd
         self.splitter = splitter
         self.train_bn = train_bn
+        self.held_bn = []  # batchnorm layers frozen with train_bn=False: fit keeps them in eval mode (see freeze_to)
         self.moms = moms
         self.clip = clip
         self.accum = accum
@@ -803,8 +816,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
                     self.dl = self.dls.train
                     self.n_iter = n_train
                     self.model.train()
-                    if not self.train_bn:
-                        hold_frozen_bn(self.model)
+                    hold_bn(self.held_bn)
                     for cb in self.cbs:
                         cb.before_train(self)
                     for self.iter, batch in enumerate(self.dl):

@@ -683,8 +683,9 @@ class TrainingGuard(Callback):
             torch._foreach_copy_(self.buffers, self.saved)
         lrs = [group["lr"] for group in learn.opt.param_groups]
         where = f"epoch {learn.epoch + 1}/{learn.n_epoch}, batch {batch + 1}/{learn.n_iter}"
-        advice = ("Lower the learning rate (learn.lr_find() suggests one) and train again; "
-                  "if that does not help, check the data for NaN or infinite values.")
+        advice = ("Lower the learning rate (learn.lr_find() suggests one); the weights may already be far off after "
+                  "a divergence, so load a saved model or build the learner again before training on. If that does "
+                  "not help, check the data for NaN or infinite values.")
         if batch == learn.iter and has_non_finite((*learn.xb, *learn.yb)):
             advice = ("The inputs or targets of this batch contain NaN or infinite values: "
                       "clean the data (fill or drop missing values) and train again.")

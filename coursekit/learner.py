@@ -640,12 +640,13 @@ class TrainingGuard(Callback):
         if not all(math.isfinite(lr) and lr >= 0 for lr in lrs):
             self._stop(learn, f"the {describe_lrs(lrs)} is not a finite number >= 0 (a schedule or callback set it)", learn.iter)
         losses = torch.cat(self.losses) if self.losses else torch.zeros(1)
-        finite = torch.isfinite(losses).all()
+        grads = []
         if not learn.scaler.is_enabled():  # fp16: infinite gradients are normal, the scaler skips those steps
             grads = [param.grad for group in learn.opt.param_groups for param in group["params"] if param.grad is not None]
-            if grads:
-                finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf))).all()
-        if not bool(finite):  # the one read-back per step
+        finite = torch.isfinite(losses).all()
+        if grads:
+            finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        if not bool(finite) and has_non_finite([losses, *grads]):  # one read-back per step; then exactly (a norm can overflow)
             self._stop(learn, *self._what_went_wrong(learn, losses.tolist()))
         self.losses = []
 

@@ -181,6 +181,18 @@ def test_non_finite_gradients_with_a_finite_loss_stop_the_fit_before_the_step():
     assert_same_state(learn.model, keeper.state)
 
 
+def test_huge_but_finite_gradients_are_not_mistaken_for_infinite_ones():
+    "The guard's fast check is a norm, which overflows above ~1e19; it must not stop a fit for that alone."
+    class HugeGradient(Callback):
+        def after_backward(self, learn):
+            learn.model.weight.grad[0, 0] = 1e30
+    learn = Learner(regression_dls(), nn.Linear(2, 1), loss_func=MSELossFlat(), opt_func=torch.optim.SGD, lr=0.,
+                    cbs=[HugeGradient()])
+    with learn.no_bar():
+        learn.fit(1)
+    assert len(learn.recorder.values) == 1
+
+
 def test_with_gradient_accumulation_the_error_names_the_batch_whose_loss_was_not_finite():
     learn = Learner(regression_dls(), nn.Linear(2, 1), loss_func=MSELossFlat(), lr=1e-2, accum=2, cbs=[])
     error = fit_error(learn, 1, cbs=[NanLossAt(batch=2)])

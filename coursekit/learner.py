@@ -7,7 +7,7 @@ steer the loop."""
 __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'PRECISION_SETTERS', 'CancelBatchException',
            'CancelEpochException', 'CancelFitException', 'Callback', 'trainable_params', 'param_groups',
            'lrs_for_groups', 'check_lrs', 'group_momentum', 'set_opt_hyper', 'decayed_params', 'decay_weights',
-           'freeze_groups', 'hold_frozen_bn', 'grad_scaler', 'autocast_context', 'Recorder', 'FitProgress',
+           'freeze_groups', 'frozen_bn_layers', 'hold_bn', 'grad_scaler', 'autocast_context', 'Recorder', 'FitProgress',
            'ProgressCallback', 'ParamScheduler', 'minimum', 'steep', 'valley', 'LRFinder', 'NonFiniteLossError',
            'describe_lrs', 'has_non_finite', 'norm_buffers', 'check_validation_set', 'single_class_vocab',
            'TrainingGuard', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds',
@@ -187,11 +187,20 @@ def freeze_groups(model: nn.Module, groups: list, n_frozen: int, train_bn: bool)
         for param in params:
             param.requires_grad_(index >= n_frozen or id(param) in batchnorm)
 
-def hold_frozen_bn(model: nn.Module):
-    "Put the batchnorm layers whose parameters are all frozen in eval mode (their statistics then stay as they are)."
+def frozen_bn_layers(model: nn.Module, groups: list, n_frozen: int) -> list:
+    "The batchnorm layers of `model` that have parameters, all of them in the first `n_frozen` groups."
+    frozen = {id(param) for params in groups[:n_frozen] for param in params}
+    layers = []
     for module in model.modules():
-        if isinstance(module, BN_TYPES) and not any(param.requires_grad for param in module.parameters()):
-            module.eval()
+        params = {id(param) for param in module.parameters()}
+        if isinstance(module, BN_TYPES) and params and params <= frozen:
+            layers.append(module)
+    return layers
+
+def hold_bn(layers: list):
+    "Put the batchnorm `layers` in eval mode: they normalise with their running statistics and leave them as they are."
+    for layer in layers:
+        layer.eval()
 
 # %% ../nbs/core/06_learner.ipynb #627c213b
 AMP_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -292,7 +301,7 @@ class Recorder(Callback):
             return {}
         return dict(zip(self.metric_names, self.values[-1]))
 
-    def plot_loss(self, skip_start: int = 5, with_valid: bool = True):
+    def plot_loss(self, skip_start: int = 5, with_valid: bool = True) -> None:
         "Plot the smoothed training loss of each batch, and the validation loss at the end of each epoch."
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(range(skip_start, len(self.losses)), self.losses[skip_start:], label="train")
@@ -301,16 +310,14 @@ class Recorder(Callback):
         ax.set_xlabel("batch")
         ax.set_ylabel("loss")
         ax.legend()
-        return ax
 
-    def plot_sched(self):
+    def plot_sched(self) -> None:
         "Plot the learning rate and momentum of each training batch."
         fig, axs = plt.subplots(1, 2, figsize=(10, 3.5))
         for ax, values, title in zip(axs, (self.lrs, self.moms), ("learning rate", "momentum")):
             ax.plot(values)
             ax.set_title(title)
             ax.set_xlabel("batch")
-        return axs
 
 # %% ../nbs/core/06_learner.ipynb #99922e66
 def _format_time(seconds: float) -> str:
@@ -770,12 +777,15 @@ class ParamGroupsMixin:
         set_opt_hyper(self.opt, name, value)
 
     def freeze_to(self, n: int):
-        "Freeze the first `n` parameter groups (negative `n` counts from the end) and unfreeze the others."
+        "Freeze the first `n` groups (negative: from the end), unfreeze the others; `train_bn=False` holds their batchnorm."
         if self.opt is None:
             self.create_opt()
         groups = [group["params"] for group in self.opt.param_groups]
         n_frozen = n if n >= 0 else len(groups) + n
         freeze_groups(self.model, groups, n_frozen, self.train_bn)
+        if not self.train_bn:
+            frozen = frozen_bn_layers(self.model, groups, n_frozen)
+            self.held_bn += [layer for layer in frozen if layer not in self.held_bn]
 
     def freeze(self):
         "Freeze every parameter group but the last (the head)."
@@ -887,14 +897,14 @@ class PredictionMixin:
         probs, _, decoded = self.get_preds(dl=self.dls.test_dl([item]), with_decoded=True)
         return self.dls.decode_target(decoded[0]), decoded[0], probs[0]
 
-    def show_results(self, max_n: int = 9):
-        "Show a validation batch with targets and decoded predictions (drawn by `dls.show_results`)."
+    def show_results(self, max_n: int = 9) -> None:
+        "Draw a validation batch with actual and decoded predicted targets (by `dls.show_results`)."
         batch = self.dls.valid.one_batch()
         self.model.eval()
         with torch.no_grad(), self.autocast():
             preds = self.model(*batch[:self.dls.n_inp]).float()
         decoded = decode_preds(self.loss_func, activate_preds(self.loss_func, preds))
-        return self.dls.show_results(batch, decoded, max_n=max_n)
+        self.dls.show_results(batch, decoded, max_n=max_n)
 
 # %% ../nbs/core/06_learner.ipynb #d517b557
 class PersistenceMixin:
@@ -917,7 +927,7 @@ class PersistenceMixin:
         return self
 
     def export(self, fname="export.ck") -> Path:
-        "Write model weights, model spec, data spec and loss to a zip at `path/fname`, atomically (see `load_learner`)."
+        "Write weights, model spec, data spec and loss to a zip at `path/fname`, atomically, if `load_learner` gives it back."
         return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
 
 # %% ../nbs/core/06_learner.ipynb #1ce09702
@@ -945,6 +955,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         self.wd = wd
         self.splitter = splitter
         self.train_bn = train_bn
+        self.held_bn = []  # batchnorm layers frozen with train_bn=False: fit keeps them in eval mode (see freeze_to)
         self.moms = moms
         self.clip = clip
         self.accum = accum
@@ -999,8 +1010,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
                     self.dl = self.dls.train
                     self.n_iter = n_train
                     self.model.train()
-                    if not self.train_bn:
-                        hold_frozen_bn(self.model)
+                    hold_bn(self.held_bn)
                     for cb in self.cbs:
                         cb.before_train(self)
                     for self.iter, batch in enumerate(self.dl):

@@ -306,6 +306,15 @@ def test_an_empty_image_validation_set_warns_and_trains_without_validation():
         learn.get_preds()
 
 
+def test_an_empty_loader_yields_no_batch():
+    "Before: one empty batch, which failed in collation with a raw IndexError."
+    rows = pd.read_csv(mirror("mnist_sample") / "labels.csv").head(8).reset_index(drop=True)
+    rows["is_valid"] = False
+    dls = mnist_dls(rows)
+    assert len(dls.valid) == 0
+    assert list(dls.valid) == []
+
+
 def test_an_empty_text_validation_set_warns():
     "Before: a silent NaN valid_loss."
     from coursekit.text.data import TextDataLoaders

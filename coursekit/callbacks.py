@@ -224,14 +224,15 @@ class CSVLogger(Callback):
         "Go on with the rows of an interrupted fit."
         self.lines = list(state["lines"])
 
-# %% ../nbs/core/10_callbacks.ipynb #816d8163
+# %% ../nbs/core/10_callbacks.ipynb #bedb0f61
 def check_image_batch(name: str, x: torch.Tensor, min_dims: int):
     "Refuse, saying what to use instead, an input that is not a float batch of pictures `(N, C, H, W)`."
     if not x.is_floating_point():
         raise TypeError(f"{name} mixes images, but an input of this batch holds {x.dtype} values (token ids or "
                         f"categories?): use {name} with image DataLoaders, whose batches are float (N, C, H, W).")
     if x.dim() < min_dims:
-        raise ValueError(f"{name} needs batches of images (N, C, H, W), got an input of shape {tuple(x.shape)}.")
+        raise ValueError(f"{name} needs batches with at least {min_dims} dimensions (images: N, C, H, W), "
+                         f"got an input of shape {tuple(x.shape)}.")
 
 def mixup_inputs(xb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     "MixUp: each input blended with its `shuffle`d copy, the original weighing `max(lam, 1 - lam)`; and that weight."
@@ -276,10 +277,10 @@ def mix_targets(yb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     other_yb = tuple(y if y.is_floating_point() else other for y, other in zip(mixed, shuffled))
     return mixed, other_yb
 
-# %% ../nbs/core/10_callbacks.ipynb #d290e697
+# %% ../nbs/core/10_callbacks.ipynb #17f652e0
 class MixHandler(Callback):
     "Mixes each training batch with a shuffled copy of itself by `mix_inputs`, `lam ~ Beta(alpha, alpha)`, and the loss to match."
-    order = 20
+    order = 20  # after ParamScheduler and LRFinder (10); callbacks of a higher order see the mixed batch
 
     def __init__(self, alpha: float, mix_inputs):
         if not alpha > 0:

@@ -10,7 +10,7 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'PRECISION_SETTERS', 'CancelBatch
            'autocast_context', 'Recorder', 'ProgressCallback', 'ParamScheduler', 'minimum', 'steep', 'valley',
            'LRFinder', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds',
            'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'Learner',
-           'load_learner', 'simple_mlp']
+           'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -924,3 +924,20 @@ def simple_mlp(n_in: int, n_out: int, hidden: list = (32,), bn: bool = False) ->
         layers.append(nn.ReLU())
         size = width
     return nn.Sequential(*layers, nn.Linear(size, n_out))
+
+# %% ../nbs/core/06_learner.ipynb #cc975fe1
+def sigmoid_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    "A sigmoid scaled to (low, high)."
+    return torch.sigmoid(x) * (high - low) + low
+
+class SigmoidRange(nn.Module):
+    "Module form of `sigmoid_range`: the last layer of a model whose outputs must stay in (low, high)."
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x):
+        return sigmoid_range(x, self.low, self.high)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"

@@ -50,8 +50,9 @@ def adult_learner(bs: int, device):
     df = pd.read_csv(path / "adult.csv", na_values="?", skipinitialspace=True)
     cats = ["workclass", "education", "marital-status", "occupation", "relationship", "race", "sex", "native-country"]
     conts = ["age", "fnlwgt", "education-num", "capital-gain", "capital-loss", "hours-per-week"]
-    dls = TabularDataLoaders.from_df(df, cats, conts, "salary", [Categorify, FillMissing, Standardize], valid_pct=0.2,
-                                     seed=42, bs=bs, device=device)
+    dls = TabularDataLoaders.from_df(df, cat_names=cats, cont_names=conts, y_names="salary",
+                                     procs=[Categorify, FillMissing, Standardize], valid_pct=0.2, seed=42, bs=bs,
+                                     device=device)
     return tabular_learner(dls, layers=[200, 100]), 1e-2
 
 

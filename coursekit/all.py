@@ -6,18 +6,33 @@
 __all__ = []
 
 # %% ../nbs/core/99_all.ipynb #7948c8c9
-from . import core, losses, schedule, metrics, persist, learner, interpret
-from .data import external, core as data_core
-from .vision import data as vision_data, learner as vision_learner, utils as vision_utils
-from .vision import widgets as vision_widgets, multilabel, unet, segmentation
-from .text import core as text_core, data as text_data, models as text_models, learner as text_learner
-from .tabular import data as tabular_data, learner as tabular_lib, collab
+from functools import partial
+from pathlib import Path
 
-_MODULES = [core, losses, external, data_core, schedule, metrics, persist, learner, interpret,
-            vision_data, vision_learner, vision_utils, vision_widgets, multilabel, unet, segmentation,
-            text_core, text_data, text_models, text_learner,
-            tabular_data, tabular_lib, collab]
-__all__ = [name for module in _MODULES for name in module.__all__]
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18, resnet34, resnet50
+
+from . import core as _core, losses as _losses, schedule as _schedule, metrics as _metrics
+from . import persist as _persist, learner as _learner, callbacks as _callbacks, interpret as _interpret
+from . import from_fastai as _from_fastai
+from .data import external as _external, core as _data_core
+from .vision import data as _vision_data, learner as _vision_learner, utils as _vision_utils
+from .vision import widgets as _vision_widgets, multilabel as _multilabel, unet as _unet
+from .vision import segmentation as _segmentation
+from .text import core as _text_core, data as _text_data, models as _text_models, learner as _text_learner
+from .tabular import data as _tabular_data, learner as _tabular_lib, collab as _collab
+
+_MODULES = [_core, _losses, _external, _data_core, _schedule, _metrics, _persist, _learner, _callbacks, _interpret,
+            _vision_data, _vision_learner, _vision_utils, _vision_widgets, _multilabel, _unet, _segmentation,
+            _text_core, _text_data, _text_models, _text_learner,
+            _tabular_data, _tabular_lib, _collab, _from_fastai]
+_NOTEBOOK_NAMES = ["np", "pd", "torch", "nn", "F", "partial", "Path", "plt", "resnet18", "resnet34", "resnet50"]
+__all__ = [name for module in _MODULES for name in module.__all__] + _NOTEBOOK_NAMES
 
 from .core import *
 from .losses import *
@@ -27,6 +42,7 @@ from .schedule import *
 from .metrics import *
 from .persist import *
 from .learner import *
+from .callbacks import *
 from .interpret import *
 from .vision.data import *
 from .vision.learner import *
@@ -42,3 +58,4 @@ from .text.learner import *
 from .tabular.data import *
 from .tabular.learner import *
 from .tabular.collab import *
+from .from_fastai import *

@@ -41,7 +41,8 @@ def test_tabular_split_leaves_the_global_generator_alone():
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    TabularDataLoaders.from_df(people(), ["colour"], ["age"], "label", PROCS, valid_pct=0.2, seed=1, device="cpu")
+    TabularDataLoaders.from_df(people(), cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                               valid_pct=0.2, seed=1, device="cpu")
     assert torch.equal(torch.rand(3), expected)
 
 
@@ -55,7 +56,8 @@ def test_collab_split_leaves_the_global_generator_alone():
 
 def test_same_seed_same_split_as_random_splitter():
     df, r = people(), ratings()
-    dls = TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, valid_pct=0.25, seed=3, device="cpu")
+    dls = TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                                     valid_pct=0.25, seed=3, device="cpu")
     assert sorted(dls.valid.items.index) == RandomSplitter(0.25, seed=3)(df)[1]
     cdls = CollabDataLoaders.from_df(r, valid_pct=0.25, seed=3, device="cpu")
     assert sorted(cdls.valid.items.index) == RandomSplitter(0.25, seed=3)(r)[1]
@@ -63,7 +65,8 @@ def test_same_seed_same_split_as_random_splitter():
 
 def test_no_seed_draws_a_fresh_split():
     df = people(200)
-    splits = {tuple(sorted(TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, device="cpu")
+    splits = {tuple(sorted(TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label",
+                                                      procs=PROCS, device="cpu")
                            .valid.items.index)) for _ in range(4)}
     assert len(splits) > 1
 
@@ -73,7 +76,8 @@ def test_no_seed_draws_a_fresh_split():
 def test_tabular_with_integer_column_labels_round_trips(tmp_path):
     df = people()
     df.columns = [0, 1, "label"]                   # the reported case: predict failed with a KeyError
-    dls = TabularDataLoaders.from_df(df, [0], [1], "label", PROCS, valid_pct=0.2, seed=0, bs=8, device="cpu")
+    dls = TabularDataLoaders.from_df(df, cat_names=[0], cont_names=[1], y_names="label", procs=PROCS, valid_pct=0.2,
+                                     seed=0, bs=8, device="cpu")
     learn = tabular_learner(dls, layers=[8])
     loaded = export_and_load(learn, tmp_path)
     row = {0: "red", 1: 33.0}
@@ -85,7 +89,8 @@ def test_tabular_with_numpy_integer_column_labels_round_trips(tmp_path):
     df = people()
     df.columns = np.arange(3)                      # labels are numpy int64
     cat, cont, y = list(df.columns)                # and so are the names passed in
-    dls = TabularDataLoaders.from_df(df, [cat], [cont], y, PROCS, valid_pct=0.2, seed=0, bs=8, device="cpu")
+    dls = TabularDataLoaders.from_df(df, cat_names=[cat], cont_names=[cont], y_names=y, procs=PROCS, valid_pct=0.2,
+                                     seed=0, bs=8, device="cpu")
     loaded = export_and_load(tabular_learner(dls, layers=[8]), tmp_path)
     label, _, probs = loaded.predict({0: "blue", 1: np.nan})
     assert label in ("yes", "no") and probs.shape == (2,)
@@ -95,7 +100,8 @@ def test_tabular_with_unexportable_column_labels_is_refused_at_build_time():
     df = people()
     df.columns = pd.MultiIndex.from_tuples([("a", "colour"), ("a", "age"), ("b", "label")])
     with pytest.raises(TypeError, match="column label"):
-        TabularDataLoaders.from_df(df, [("a", "colour")], [("a", "age")], ("b", "label"), PROCS, device="cpu")
+        TabularDataLoaders.from_df(df, cat_names=[("a", "colour")], cont_names=[("a", "age")], y_names=("b", "label"),
+                                   procs=PROCS, device="cpu")
 
 
 def test_collab_with_int64_column_labels_round_trips(tmp_path):
@@ -112,37 +118,43 @@ def test_collab_with_int64_column_labels_round_trips(tmp_path):
 
 def test_empty_dataframe_is_a_clear_error():
     with pytest.raises(ValueError, match="no rows"):
-        TabularDataLoaders.from_df(people().iloc[:0], ["colour"], ["age"], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(people().iloc[:0], cat_names=["colour"], cont_names=["age"], y_names="label",
+                                   procs=PROCS, device="cpu")
 
 
 def test_dataframe_without_columns_is_a_clear_error():
     with pytest.raises((ValueError, KeyError), match="no rows|Missing column"):
-        TabularDataLoaders.from_df(pd.DataFrame(), ["colour"], ["age"], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(pd.DataFrame(), cat_names=["colour"], cont_names=["age"], y_names="label",
+                                   procs=PROCS, device="cpu")
 
 
 def test_question_marks_everywhere_suggest_na_values():
     df = pd.DataFrame({"colour": ["?"] * 10, "age": ["?"] * 10, "label": ["?"] * 10})
     with pytest.raises(ValueError, match=r"na_values='\?'"):
-        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                                   device="cpu")
 
 
 def test_question_marks_in_a_continuous_column_suggest_na_values():
     df = people().astype({"age": object})
     df.loc[::3, "age"] = "?"
     with pytest.raises(ValueError, match=r"'age'.*na_values='\?'"):
-        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                                   device="cpu")
 
 
 def test_text_in_a_continuous_column_names_the_column():
     df = people().astype({"age": object})
     df.loc[2, "age"] = "forty"
     with pytest.raises(ValueError, match=r"'age'.*'forty'"):
-        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                                   device="cpu")
 
 
 def test_no_training_rows_left_is_a_clear_error():
     with pytest.raises(ValueError, match="no rows"):
-        TabularDataLoaders.from_df(people(3), ["colour"], ["age"], "label", PROCS, valid_idx=[0, 1, 2], device="cpu")
+        TabularDataLoaders.from_df(people(3), cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                                   valid_idx=[0, 1, 2], device="cpu")
 
 
 # --- collab: ratings outside y_range, duplicated pairs ---------------------------------------------------------
@@ -185,25 +197,28 @@ def test_infinite_values_in_a_continuous_column_are_a_clear_error():
     df = people()
     df.loc[3, "age"] = np.inf                      # trained to NaN losses before
     with pytest.raises(ValueError, match=r"'age'.*infinite"):
-        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, seed=0, device="cpu")
+        TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS, seed=0,
+                                   device="cpu")
 
 
 def test_duplicated_column_names_are_a_clear_error():
     df = pd.concat([people(), people()[["age"]]], axis=1)
     with pytest.raises(ValueError, match=r"'age'.*2 columns"):
-        TabularDataLoaders.from_df(df, ["colour"], ["age"], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(df, cat_names=["colour"], cont_names=["age"], y_names="label", procs=PROCS,
+                                   device="cpu")
 
 
 @pytest.mark.parametrize("cats, conts", [(["colour", "label"], ["age"]), (["colour"], ["age", "label"]),
                                          (["colour"], ["age", "age"]), (["colour", "age"], ["age"])])
 def test_a_column_listed_twice_is_a_clear_error(cats, conts):
     with pytest.raises(ValueError, match="listed more than once"):
-        TabularDataLoaders.from_df(people(), cats, conts, "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(people(), cat_names=cats, cont_names=conts, y_names="label", procs=PROCS,
+                                   device="cpu")
 
 
 def test_no_input_columns_is_a_clear_error():
     with pytest.raises(ValueError, match="no input columns"):
-        TabularDataLoaders.from_df(people(), [], [], "label", PROCS, device="cpu")
+        TabularDataLoaders.from_df(people(), cat_names=[], cont_names=[], y_names="label", procs=PROCS, device="cpu")
 
 
 def test_missing_ratings_are_a_clear_error():

@@ -6,12 +6,13 @@ and augments whole batches, and `DataBlock`, which describes a dataset in a few 
 # %% auto #0
 __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms', 'IntToFloat', 'TransformBlock', 'block_spec',
            'show_image', 'Categorize', 'sorted_vocab', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock',
-           'as_sample', 'ListDataset', 'DataLoader', 'BlockDataset', 'DataLoaders', 'RandomSplitter', 'IndexSplitter',
-           'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label', 'RegexLabeller',
-           'ColReader', 'Datasets', 'DataBlock']
+           'as_sample', 'ListDataset', 'DataLoader', 'BlockDataset', 'DataLoaders', 'result_title', 'RandomSplitter',
+           'IndexSplitter', 'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label',
+           'RegexLabeller', 'ColReader', 'Datasets', 'DataBlock']
 
 # %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -53,8 +54,8 @@ def transform_spec(tfm: Transform) -> dict:
     try:
         return exportable_spec(type(tfm), **tfm.state())
     except ValueError as err:
-        err.add_note(f"{type(tfm).__name__} cannot be exported: define it in a coursekit module "
-                     "and decorate the class with @exportable.")
+        err.add_note(f"{type(tfm).__name__} cannot be exported: use one of coursekit's transforms, or keep the "
+                     "weights with learn.save() and rebuild the loaders in code before learn.load().")
         raise
 
 def sort_transforms(tfms) -> list:
@@ -355,7 +356,7 @@ class DataLoader:
         "The batches of indices for one epoch, and the indices `drop_last` leaves out of it."
         n = len(self.dataset)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        batches = [b.tolist() for b in order.split(self.bs)]
+        batches = [b.tolist() for b in order.split(self.bs) if len(b)]  # an empty dataset gives no batch at all
         dropped = batches.pop() if self.drop_last and batches and len(batches[-1]) < self.bs else []
         return batches, dropped
 
@@ -368,8 +369,10 @@ class DataLoader:
         loaded = iter(())
         if any(needed) or extra:
             prepared = _Prepared(self.dataset, self.item_tfms, self.kinds)
+            # a generator of its own for the workers' seeds (they run only the deterministic `prepare`): a cold cache
+            # then draws nothing from torch's global generator, so a resumed fit draws exactly what the interrupted one did
             loaded = iter(tud.DataLoader(prepared, batch_sampler=[n for n in needed if n] + ([extra] if extra else []),
-                                         num_workers=self.num_workers, collate_fn=list))
+                                         num_workers=self.num_workers, collate_fn=list, generator=torch.Generator()))
         for batch, need in zip(index_batches, needed):
             fresh = dict(zip(need, next(loaded))) if need else {}
             if fresh and self._cached is not None:
@@ -606,17 +609,16 @@ class DataLoaders:
         batch = [x[:max_n].detach().cpu() if isinstance(x, torch.Tensor) else x[:max_n] for x in batch]
         return list(zip(*batch))
 
-    def show_batch(self, batch: tuple | None = None, max_n: int = 9, ncols: int = 3, figsize=None):
-        "Show up to `max_n` samples of a batch (default: one training batch) in a grid, labels as titles."
+    def show_batch(self, batch: tuple | None = None, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
+        "Draw up to `max_n` samples of a batch (default: one training batch) in one figure, labels as titles."
         samples = self.decode_batch(self.one_batch() if batch is None else batch, max_n)
         axs = _grid(len(samples), ncols, figsize)
         for sample, ax in zip(samples, axs):
             titles = [b.show(x, ax) for b, x in zip(self.blocks, sample)]
             _finish_axis(ax, " / ".join(title for title in titles if title))
-        return axs
 
-    def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None):
-        "Show inputs with target and decoded prediction: `target/prediction` titles, or the two masks side by side."
+    def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
+        "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or the two masks side by side."
         samples = self.decode_batch(batch, max_n)
         preds = preds[:max_n].detach().cpu() if isinstance(preds, torch.Tensor) else list(preds)[:max_n]
         pictures = self.target_block.kind == "mask"
@@ -625,7 +627,7 @@ class DataLoaders:
             inputs, target = sample[:self.n_inp], sample[self.n_inp] if len(sample) > self.n_inp else None
             if pictures:
                 ax_t, ax_p = axs[2 * i], axs[2 * i + 1]
-                for ax, mask, name in ((ax_t, target, "target"), (ax_p, pred, "prediction")):
+                for ax, mask, name in ((ax_t, target, "actual"), (ax_p, pred, "predicted")):
                     for b, x in zip(self.blocks, inputs):
                         b.show(x, ax)
                     if mask is not None:
@@ -635,21 +637,21 @@ class DataLoaders:
             ax = axs[i]
             titles = [b.show(x, ax) for b, x in zip(self.blocks, inputs)]
             tb = self.target_block
-            result = f"{tb.label(target)}/{tb.label(pred)}" if target is not None else tb.label(pred)
+            result = result_title(tb.label(target), tb.label(pred)) if target is not None else tb.label(pred)
             correct = target is not None and tb.label(target) == tb.label(pred)
             _finish_axis(ax, " / ".join([title for title in titles if title] + [result]), color="green" if correct else "red")
-        return axs
 
     def __repr__(self): return f"DataLoaders(train={self.train}, valid={self.valid}, blocks={self.blocks})"
 
 def _grid(n: int, ncols: int, figsize=None) -> list:
-    "A flat list of `n` matplotlib axes in rows of `ncols`; unused axes are hidden."
+    "A flat list of `n` matplotlib axes in rows of `ncols`, in a new figure; unused places stay empty."
     ncols = max(1, min(ncols, n))
     nrows = max(1, -(-n // ncols))
-    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False)
+    fig, axs = plt.subplots(nrows, ncols, figsize=figsize or (3 * ncols, 3 * nrows), squeeze=False,
+                            layout="constrained")  # room for titles of several lines
     axs = list(axs.flat)
     for ax in axs[n:]:
-        ax.set_axis_off()
+        ax.remove()  # so that the figure's axes are exactly the pictures
     return axs[:n]
 
 def _finish_axis(ax, title: str, color: str = "black"):
@@ -657,6 +659,17 @@ def _finish_axis(ax, title: str, color: str = "black"):
     if not ax.images:
         ax.set_xticks([])
         ax.set_yticks([])
+
+# %% ../../nbs/core/03_data_core.ipynb #b2d8f4e3
+def result_title(actual: str, predicted: str, width: int = 36) -> str:
+    "The title of a result picture: `actual/predicted` on one line when short, else each part wrapped at `width` characters."
+    if len(actual) + len(predicted) < width:
+        return f"{actual}/{predicted}"
+    return f"{_wrap_labels(actual, width)}/\n{_wrap_labels(predicted, width)}"
+
+def _wrap_labels(labels: str, width: int) -> str:
+    "Labels joined by `;` (or any text) on lines of at most `width` characters, broken between labels or words."
+    return textwrap.fill(labels.replace(";", "; "), width)
 
 # %% ../../nbs/core/03_data_core.ipynb #2466e6f8
 def RandomSplitter(valid_pct: float = 0.2, seed: int | None = None) -> Callable:

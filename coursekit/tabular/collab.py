@@ -16,6 +16,7 @@ from torch import nn
 
 from ..core import display_or_print, exportable, exportable_spec
 from ..data.core import DataLoaders, RandomSplitter, RegressionBlock, TransformBlock
+from ..from_fastai import renamed_keywords
 from ..learner import Learner
 from .data import TabularDataLoader, as_dataframe, column_label
 from .learner import TabularModel, emb_sz_rule, embedding, sigmoid_range
@@ -155,6 +156,7 @@ class CollabDataLoaders(DataLoaders):
         "The first `max_n` rows of a batch with ids instead of indices."
         return self.processor.decode(batch[0][:max_n], batch[1][:max_n] if len(batch) > 1 else None)
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch: tuple | None = None, max_n: int = 9):
         "Display up to `max_n` (user, item, rating) rows of a batch (default: a training batch)."
         display_or_print(self.decode_batch(self.one_batch() if batch is None else batch, max_n))
@@ -191,6 +193,7 @@ class EmbeddingDotBias(nn.Module):
         self.u_weight, self.i_weight = embedding(n_users, n_factors), embedding(n_items, n_factors)
         self.u_bias, self.i_bias = embedding(n_users, 1), embedding(n_items, 1)
         self.y_range = None if y_range is None else tuple(y_range)
+        self.classes, self.user_name, self.item_name = None, None, None   # the ids, set by `from_classes`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         users, items = x[:, 0], x[:, 1]
@@ -198,15 +201,40 @@ class EmbeddingDotBias(nn.Module):
         res = dot + self.u_bias(users)[:, 0] + self.i_bias(items)[:, 0]
         return res if self.y_range is None else sigmoid_range(res, *self.y_range)
 
-    def bias(self, idx: torch.Tensor, is_item: bool = True) -> torch.Tensor:
-        "The learned bias of the users or items at indices `idx`."
-        layer = self.i_bias if is_item else self.u_bias
-        return layer(idx.to(layer.weight.device)).squeeze(-1).detach()
+    @classmethod
+    def from_classes(cls, n_factors: int, classes: dict, user_name, item_name,
+                     y_range: list | None = None) -> "EmbeddingDotBias":
+        "A model that knows its user and item ids (`classes`: column -> ids in index order), so `bias`/`weight` take ids."
+        model = cls(n_factors, len(classes[user_name]), len(classes[item_name]), y_range)
+        model.classes, model.user_name, model.item_name = classes, user_name, item_name
+        return model
 
-    def weight(self, idx: torch.Tensor, is_item: bool = True) -> torch.Tensor:
-        "The learned factors of the users or items at indices `idx`."
+    def indices(self, ids, is_item: bool = True) -> torch.Tensor:
+        "The embedding rows of the item (or user) `ids`; an id never seen in training raises a KeyError naming it."
+        if self.classes is None:
+            raise ValueError("This EmbeddingDotBias does not know its user and item ids: build it with collab_learner or "
+                             "EmbeddingDotBias.from_classes. A model rebuilt by load_learner keeps only its weights (the "
+                             "ids are in learn.dls.classes): use CollabInterpretation.from_learner(learn).bias(ids).")
+        name = self.item_name if is_item else self.user_name
+        ids = [ids] if np.isscalar(ids) else list(ids)
+        rows = pd.Index(self.classes[name]).get_indexer(ids)
+        if (rows < 0).any():
+            unknown = [i for i, row in zip(ids, rows) if row < 0][:5]
+            raise KeyError(f"Unknown {name} {unknown}: not in the training data (known {name}s: "
+                           f"{len(self.classes[name])}, e.g. {self.classes[name][:3]}).")
+        return torch.as_tensor(rows, dtype=torch.long)
+
+    def bias(self, ids, is_item: bool = True) -> torch.Tensor:
+        "The learned bias of each item (or user, `is_item=False`) in `ids`, on the CPU (fastai's `bias`)."
+        layer = self.i_bias if is_item else self.u_bias
+        rows = self.indices(ids, is_item).to(layer.weight.device)
+        return layer(rows).squeeze(-1).detach().cpu()
+
+    def weight(self, ids, is_item: bool = True) -> torch.Tensor:
+        "The learned factors of each item (or user, `is_item=False`) in `ids`, one row each, on the CPU (fastai's `weight`)."
         layer = self.i_weight if is_item else self.u_weight
-        return layer(idx.to(layer.weight.device)).detach()
+        rows = self.indices(ids, is_item).to(layer.weight.device)
+        return layer(rows).detach().cpu()
 
 # %% ../../nbs/lessons/06_collab_lib.ipynb #f275c5bb
 @exportable
@@ -227,48 +255,48 @@ def pca(x: torch.Tensor, k: int = 3) -> torch.Tensor:
     return x @ v[:k].T
 
 class CollabInterpretation:
-    "Read a trained `EmbeddingDotBias`: biases, factors, a PCA of the factors, most similar items."
-    def __init__(self, model: EmbeddingDotBias, classes: dict, user_name: str, item_name: str):
-        if not (callable(getattr(model, "bias", None)) and callable(getattr(model, "weight", None))):
+    "Read a trained `EmbeddingDotBias` as tables: biases and factors by id, a PCA of the factors, most similar items."
+    def __init__(self, model: EmbeddingDotBias):
+        if not isinstance(model, EmbeddingDotBias):
             raise TypeError(f"CollabInterpretation reads an EmbeddingDotBias model (collab_learner(use_nn=False)), "
                             f"got {type(model).__name__}, which has no bias()/weight().")
-        self.model, self.classes, self.user_name, self.item_name = model, classes, user_name, item_name
+        if model.classes is None:
+            raise ValueError("CollabInterpretation reads a model that knows its user and item ids: use "
+                             "CollabInterpretation.from_learner(learn), or build the model with EmbeddingDotBias.from_classes.")
+        self.model = model
 
     @classmethod
     def from_learner(cls, learn) -> "CollabInterpretation":
-        "The interpretation of a collab learner's model and vocabularies."
-        proc = learn.dls.processor
-        return cls(learn.model, learn.dls.classes, proc.user_name, proc.item_name)
+        "The interpretation of a collab learner's model; a model rebuilt by `load_learner` gets its ids from `learn.dls`."
+        model = learn.model
+        if isinstance(model, EmbeddingDotBias) and model.classes is None:
+            proc = learn.dls.processor
+            n_factors = model.u_weight.weight.shape[1]
+            model = EmbeddingDotBias.from_classes(n_factors, proc.classes, proc.user_name, proc.item_name, model.y_range)
+            model.load_state_dict(learn.model.state_dict())
+        return cls(model)
 
-    def _indices(self, ids, is_item: bool) -> torch.Tensor:
-        "Indices of `ids` (default: all) in the item (or user) vocabulary; unknown ids raise a KeyError."
-        name = self.item_name if is_item else self.user_name
-        if ids is None:
-            return torch.arange(len(self.classes[name]))
-        idx = pd.Index(self.classes[name]).get_indexer(list(ids))
-        if (idx < 0).any():
-            raise KeyError(f"Unknown {name} {[i for i, j in zip(ids, idx) if j < 0][:5]}: not in the training data.")
-        return torch.as_tensor(idx, dtype=torch.long)
+    def _ids(self, ids, is_item: bool) -> list:
+        "`ids`, or every item (or user) the model knows."
+        name = self.model.item_name if is_item else self.model.user_name
+        return list(self.model.classes[name]) if ids is None else ([ids] if np.isscalar(ids) else list(ids))
 
     def bias(self, ids=None, is_item: bool = True) -> pd.Series:
-        "The learned bias of each item (or user) in `ids` (default: all), as a Series indexed by id."
-        idx = self._indices(ids, is_item)
-        name = self.item_name if is_item else self.user_name
-        index = [self.classes[name][i] for i in idx.tolist()]
-        return pd.Series(self.model.bias(idx, is_item).cpu().numpy(), index=index, name="bias")
+        "`model.bias` of each item (or user) in `ids` (default: all), as a Series indexed by id."
+        ids = self._ids(ids, is_item)
+        return pd.Series(self.model.bias(ids, is_item).numpy(), index=ids, name="bias")
 
-    def factors(self, ids=None, is_item: bool = True) -> pd.DataFrame:
-        "The learned factors of each item (or user) in `ids` (default: all), one row per id."
-        idx = self._indices(ids, is_item)
-        name = self.item_name if is_item else self.user_name
-        return pd.DataFrame(self.model.weight(idx, is_item).cpu().numpy(), index=[self.classes[name][i] for i in idx.tolist()])
+    def weight(self, ids=None, is_item: bool = True) -> pd.DataFrame:
+        "`model.weight` of each item (or user) in `ids` (default: all): the factors, one row per id."
+        ids = self._ids(ids, is_item)
+        return pd.DataFrame(self.model.weight(ids, is_item).numpy(), index=ids)
 
     def pca(self, ids=None, k: int = 3, is_item: bool = True) -> pd.DataFrame:
         "The factors of `ids` projected on their first `k` principal components (columns PC1..PCk)."
-        f = self.factors(ids, is_item)
+        f = self.weight(ids, is_item)
         return pd.DataFrame(pca(torch.tensor(f.to_numpy()), k).numpy(), index=f.index, columns=[f"PC{i + 1}" for i in range(k)])
 
-    def plot_pca(self, ids, labels=None, x: int = 0, y: int = 1, k: int = 3, ax=None, figsize=(10, 10)):
+    def plot_pca(self, ids, labels=None, x: int = 0, y: int = 1, k: int = 3, ax=None, figsize=(10, 10)) -> None:
         "Scatter `ids` on two of their first `k` principal components, each point labelled (`labels`: id -> text)."
         p = self.pca(ids, k)
         if ax is None:
@@ -278,12 +306,11 @@ class CollabInterpretation:
             ax.text(px, py, str(labels[item] if labels is not None else item), fontsize=8)
         ax.set_xlabel(p.columns[x])
         ax.set_ylabel(p.columns[y])
-        return ax
 
     def most_similar(self, item, k: int = 10, among=None, is_item: bool = True) -> pd.Series:
         "The `k` items (or users) of `among` (default: all) whose factors are most cosine-similar to `item`'s, itself excluded."
-        everything = self.factors(among, is_item=is_item)
-        target = torch.tensor(self.factors([item], is_item).to_numpy())
+        everything = self.weight(among, is_item=is_item)
+        target = torch.tensor(self.weight([item], is_item).to_numpy())
         sims = torch.nn.functional.cosine_similarity(torch.tensor(everything.to_numpy()), target, dim=1)
         order = sims.argsort(descending=True)
         order = order[[everything.index[i] != item for i in order.tolist()]][:k]
@@ -324,12 +351,14 @@ def collab_learner(dls: CollabDataLoaders, n_factors: int = 50, use_nn: bool = F
         spec = dict(emb_szs=emb, layers=list(layers or [100]), ps=list(ps) if isinstance(ps, (list, tuple)) else ps,
                     embed_p=embed_p, y_range=y_range)
         builder = EmbeddingNN
+        model = EmbeddingNN(**spec)
     else:
         if layers is not None or emb_szs is not None:
             raise ValueError("layers and emb_szs are for the neural model: pass use_nn=True (the dot product uses n_factors).")
         spec = dict(n_factors=n_factors, n_users=n_users, n_items=n_items, y_range=y_range)
         builder = EmbeddingDotBias
-    learn = Learner(dls, builder(**spec), loss_func=loss_func, opt_func=opt_func, lr=lr, metrics=metrics, cbs=cbs,
+        model = EmbeddingDotBias.from_classes(n_factors, proc.classes, proc.user_name, proc.item_name, y_range)
+    learn = Learner(dls, model, loss_func=loss_func, opt_func=opt_func, lr=lr, metrics=metrics, cbs=cbs,
                     wd=wd, path=path)
     learn.model_spec = exportable_spec(builder, **spec)
     return learn

@@ -8,6 +8,7 @@ __all__ = ['DATE_PARTS', 'PROCS', 'add_datepart', 'cont_cat_split', 'column_labe
            'FillMissing', 'Categorify', 'Standardize', 'TabularProcessor', 'TabularDataLoader', 'TabularDataLoaders']
 
 # %% ../../nbs/lessons/05_tabular_data.ipynb #96926fca
+import os
 import re
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 import torch.utils.data as tud
 
 from ..core import build_exportable, display_or_print, exportable, exportable_spec
+from ..from_fastai import renamed_keywords
 from ..data.core import (
     CategoryBlock, DataLoader, DataLoaders, IndexSplitter, RandomSplitter, RegressionBlock, TransformBlock, block_spec)
 
@@ -251,6 +253,16 @@ def _check_codes(df: pd.DataFrame, cats: list, conts: list):
 # %% ../../nbs/lessons/05_tabular_data.ipynb #8af035bb
 PROCS = {"FillMissing": FillMissing, "Categorify": Categorify, "Standardize": Standardize}
 
+def _check_proc(proc):
+    "A proc is FillMissing, Categorify or Standardize (the class or an instance); fastai's `Normalize` names ours."
+    kind = proc if isinstance(proc, type) else type(proc)
+    if kind.__name__ == "Normalize":
+        raise TypeError("procs=[..., Normalize] is fastai's spelling: coursekit's tabular proc that rescales continuous "
+                        "columns with the training mean and std is Standardize (Normalize is the image batch "
+                        "transform), e.g. procs=[Categorify, FillMissing, Standardize].")
+    if PROCS.get(kind.__name__) is not kind:
+        raise TypeError(f"Unknown proc {proc!r}: use FillMissing, Categorify or Standardize.")
+
 class TabularProcessor:
     "Procs fit on the training rows, plus the column lists: rows -> `(x_cat, x_cont, y)` tensors and back."
     def __init__(self, cat_names, cont_names, y_names, procs=None, y_block=None):
@@ -265,10 +277,9 @@ class TabularProcessor:
         if not self.cat_names and not self.cont_names:
             raise ValueError("There are no input columns: pass cat_names and/or cont_names "
                              "(cont_cat_split(df, dep_var=...) proposes both).")
+        for p in procs or []:
+            _check_proc(p)
         procs = [p() if isinstance(p, type) else p for p in (procs or [])]
-        for p in procs:
-            if type(p).__name__ not in PROCS:
-                raise TypeError(f"Unknown proc {p!r}: use FillMissing, Categorify or Standardize.")
         self.procs = sorted(procs, key=lambda p: p.order)
         self.y_block = y_block
         self.all_cat_names, self.all_cont_names = list(self.cat_names), list(self.cont_names)
@@ -429,17 +440,27 @@ class TabularDataLoader(DataLoader):
         return f"TabularDataLoader({len(self.dataset)} rows, bs={self.bs}, shuffle={self.shuffle}, device={self.device})"
 
 # %% ../../nbs/lessons/05_tabular_data.ipynb #a7b34cd2
+def _check_folder(path):
+    "`path` is the data folder (fastai's second argument); a list there is columns passed in an older order."
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"The argument after the table is the data folder `path`, as in fastai: "
+                        f"from_df(df, path, procs=..., cat_names=..., cont_names=..., y_names=..., valid_idx=...); got "
+                        f"{path!r}. Name the columns, e.g. from_df(df, cat_names=['colour'], cont_names=['age'], "
+                        f"y_names='label', procs=[Categorify, FillMissing, Standardize]).")
+
 class TabularDataLoaders(DataLoaders):
     "Training and validation `TabularDataLoader`s sharing one fitted `TabularProcessor`; batches are `(x_cat, x_cont, y)`."
-    def __init__(self, train: TabularDataLoader, valid: TabularDataLoader, processor: TabularProcessor):
-        super().__init__(train, valid, blocks=[TransformBlock(), TransformBlock(), processor.y_block or TransformBlock()])
+    def __init__(self, train: TabularDataLoader, valid: TabularDataLoader, processor: TabularProcessor, path="."):
+        blocks = [TransformBlock(), TransformBlock(), processor.y_block or TransformBlock()]
+        super().__init__(train, valid, blocks=blocks, path=path)
         self.processor = processor
 
     @classmethod
-    def from_df(cls, df: pd.DataFrame, cat_names=None, cont_names=None, y_names=None, procs=None,
-                valid_idx=None, splitter=None, valid_pct: float = 0.2, seed: int | None = None, bs: int = 64,
-                y_block=None, device=None) -> "TabularDataLoaders":
+    def from_df(cls, df: pd.DataFrame, path=".", procs=None, cat_names=None, cont_names=None, y_names=None,
+                y_block=None, valid_idx=None, *, splitter=None, valid_pct: float = 0.2, seed: int | None = None,
+                bs: int = 64, device=None) -> "TabularDataLoaders":
         "Fit `procs` on the training rows and build the loaders; validation rows: `valid_idx`, `splitter(df)` or random."
+        _check_folder(path)
         if valid_idx is not None and splitter is not None:
             raise ValueError("Pass valid_idx or splitter, not both.")
         if len(df) == 0:
@@ -453,15 +474,17 @@ class TabularDataLoaders(DataLoaders):
         train = TabularDataLoader(processor.encode(train_df), processor, bs=bs, shuffle=True, drop_last=len(train_df) > bs,
                                   device=device, rows=train_df)
         valid = TabularDataLoader(processor.encode(valid_df), processor, bs=bs, device=device, rows=valid_df)
-        return cls(train, valid, processor)
+        return cls(train, valid, processor, path=path)
 
     @classmethod
-    def from_csv(cls, csv, cat_names=None, cont_names=None, y_names=None, procs=None, valid_idx=None,
-                 splitter=None, valid_pct: float = 0.2, seed: int | None = None, bs: int = 64, y_block=None,
+    def from_csv(cls, csv, path=".", procs=None, cat_names=None, cont_names=None, y_names=None, y_block=None,
+                 valid_idx=None, *, splitter=None, valid_pct: float = 0.2, seed: int | None = None, bs: int = 64,
                  device=None, na_values=None) -> "TabularDataLoaders":
         "Read `csv` with pandas (`na_values`: extra strings meaning missing, e.g. '?') and call `from_df`."
+        _check_folder(path)
         df = pd.read_csv(csv, na_values=na_values, skipinitialspace=True)
-        return cls.from_df(df, cat_names, cont_names, y_names, procs, valid_idx, splitter, valid_pct, seed, bs, y_block, device)
+        return cls.from_df(df, path, procs, cat_names, cont_names, y_names, y_block, valid_idx, splitter=splitter,
+                           valid_pct=valid_pct, seed=seed, bs=bs, device=device)
 
     def test_dl(self, items, with_labels: bool = False, bs: int | None = None) -> TabularDataLoader:
         "A loader over new rows (DataFrame, dict, Series or list of rows) through the training preprocessing."
@@ -474,6 +497,7 @@ class TabularDataLoaders(DataLoaders):
         y = batch[2][:max_n] if len(batch) > 2 else None
         return self.processor.decode(batch[0][:max_n], batch[1][:max_n], y)
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch: tuple | None = None, max_n: int = 9):
         "Display up to `max_n` rows of a batch (default: a training batch), decoded to the original values."
         display_or_print(self.decode_batch(self.one_batch() if batch is None else batch, max_n))

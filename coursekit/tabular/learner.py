@@ -85,8 +85,8 @@ class TabularModel(nn.Module):
 def tabular_learner(dls: TabularDataLoaders, layers: list | None = None, emb_szs: dict | None = None,
                     n_out: int | None = None, y_range: tuple | None = None, ps: list | float | None = None,
                     embed_p: float = 0.0, use_bn: bool = True, bn_final: bool = False, loss_func=None, metrics=None,
-                    opt_func=torch.optim.Adam, lr: float = 1e-3, wd: float | None = None, cbs=None, path=".") -> Learner:
-    "A `Learner` with a `TabularModel` for `dls`: `layers` hidden sizes (default [200, 100]), `emb_szs` by column name."
+                    opt_func=torch.optim.Adam, lr: float = 1e-3, wd: float | None = None, cbs=None, path=None) -> Learner:
+    "A `Learner` with a `TabularModel` for `dls` (`layers`: hidden sizes, default [200, 100]); saves under `dls.path`."
     if not isinstance(dls, TabularDataLoaders):
         raise TypeError(f"tabular_learner needs TabularDataLoaders (from TabularDataLoaders.from_df), got {type(dls).__name__}.")
     layers = [200, 100] if layers is None else list(layers)

@@ -17,9 +17,10 @@ import pandas as pd
 import torch
 import torch.utils.data as tud
 
-from ..core import default_device, exportable, exportable_spec
+from ..core import default_device, display_or_print, exportable, exportable_spec
+from ..from_fastai import renamed_keywords
 from ..data.core import CategoryBlock, ColSplitter, DataLoaders, RandomSplitter, TransformBlock
-from .core import PAD, Vocab, tokenize_texts
+from .core import PAD, UNK, Vocab, tokenize_texts
 
 # %% ../../nbs/lessons/04b_text_data.ipynb #35c6374a
 class TextDataset(tud.Dataset):
@@ -193,6 +194,17 @@ def _read_text(fname: Path, encoding: str) -> str:
         raise ValueError(f"{fname} is not valid {encoding} text ({err.reason} at byte {err.start}): pass the files' "
                          "encoding, e.g. from_folder(..., encoding='latin-1'), or convert them to UTF-8.") from err
 
+def _as_text_vocab(text_vocab) -> Vocab | None:
+    "`text_vocab` as a `Vocab`: a `Vocab`, a language model's `dls.vocab` (its list of tokens), or None."
+    if text_vocab is None or isinstance(text_vocab, Vocab):
+        return text_vocab
+    tokens = list(text_vocab)
+    if tokens[:2] != [UNK, PAD]:
+        raise ValueError(f"text_vocab takes the language model's tokens, text_vocab=dls_lm.vocab (or the Vocab "
+                         f"dls_lm.text_vocab); got {len(tokens)} values starting {tokens[:3]}, which do not start with "
+                         f"{UNK!r}, {PAD!r} (a classifier's dls.vocab is its class names).")
+    return Vocab(tokens)
+
 class TextDataLoaders(DataLoaders):
     "Language-model or classifier loaders over texts, with the token vocabulary `text_vocab` and the tokenizer `rules`."
     def __init__(self, train, valid, blocks, text_vocab: Vocab, rules=None, is_lm: bool = False, text_col="text",
@@ -202,7 +214,7 @@ class TextDataLoaders(DataLoaders):
 
     @classmethod
     def from_df(cls, df: pd.DataFrame, text_col="text", label_col="label", valid_col="is_valid", valid_pct: float = 0.1,
-                is_lm: bool = False, text_vocab: Vocab | None = None, bs: int = 64, seq_len: int = 72,
+                is_lm: bool = False, text_vocab: Vocab | list | None = None, bs: int = 64, seq_len: int = 72,
                 max_vocab: int = 60000, min_freq: int = 2, rules=None, n_workers: int | None = None, cache_dir=None,
                 device=None, seed: int | None = None) -> "TextDataLoaders":
         "Loaders from a DataFrame: texts in `text_col`, labels in `label_col`, validation rows flagged by `valid_col`."
@@ -217,6 +229,7 @@ class TextDataLoaders(DataLoaders):
         is_valid = _split_rows(df, valid_col, valid_pct, seed)
         docs = tokenize_texts(_text_column(df, text_col), rules=rules, n_workers=n_workers, cache_dir=cache_dir)
         train_docs = [d for d, v in zip(docs, is_valid) if not v]
+        text_vocab = _as_text_vocab(text_vocab)
         vocab = text_vocab if text_vocab is not None else Vocab.from_docs(train_docs, max_vocab=max_vocab, min_freq=min_freq)
         ids = [vocab.numericalize(d) for d in docs]
         texts = _text_column(df, text_col)
@@ -238,7 +251,7 @@ class TextDataLoaders(DataLoaders):
 
     @classmethod
     def from_csv(cls, path, csv_fname="texts.csv", text_col="text", label_col="label", valid_col="is_valid",
-                 valid_pct: float = 0.1, is_lm: bool = False, text_vocab: Vocab | None = None, bs: int = 64,
+                 valid_pct: float = 0.1, is_lm: bool = False, text_vocab: Vocab | list | None = None, bs: int = 64,
                  seq_len: int = 72, max_vocab: int = 60000, min_freq: int = 2, rules=None, n_workers: int | None = None,
                  cache_dir=None, device=None, seed: int | None = None, encoding: str = "utf-8") -> "TextDataLoaders":
         "Loaders from the CSV file `path/csv_fname` (read with pandas in `encoding`; `.csv.gz` works too)."
@@ -254,7 +267,7 @@ class TextDataLoaders(DataLoaders):
 
     @classmethod
     def from_folder(cls, path, train="train", valid="test", classes=None, is_lm: bool = False, extra_folders=(),
-                    text_vocab: Vocab | None = None, bs: int = 64, seq_len: int = 72, max_vocab: int = 60000,
+                    text_vocab: Vocab | list | None = None, bs: int = 64, seq_len: int = 72, max_vocab: int = 60000,
                     min_freq: int = 2, rules=None, n_workers: int | None = None, cache_dir=None,
                     device=None, encoding: str = "utf-8") -> "TextDataLoaders":
         "Loaders from `path/{train,valid}/<label>/*.txt` (fastai's IMDB layout); `extra_folders` add unlabelled LM texts."
@@ -280,7 +293,7 @@ class TextDataLoaders(DataLoaders):
             return LMDataLoader(ds, bs=bs or self.valid.bs, seq_len=self.valid.seq_len, device=self.device)
         return SortedDataLoader(ds, bs=bs or self.valid.bs, pad_idx=self.text_vocab.stoi[PAD], device=self.device)
 
-    def show_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
+    def decode_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
         "A table of decoded texts of a batch (default: one training batch) with their labels, or targets for a language model."
         x, *rest = self.one_batch() if batch is None else batch
         cut = lambda s: s if len(s) <= max_chars else s[:max_chars] + " ..."
@@ -291,15 +304,25 @@ class TextDataLoaders(DataLoaders):
                 row["target" if self.is_lm else "label"] = (cut(self.text_vocab.decode(rest[0][i])) if self.is_lm
                                                                  else self.decode_target(rest[0][i]))
             rows.append(row)
-        with pd.option_context("display.max_colwidth", max_chars + 10):
-            return pd.DataFrame(rows)
+        return pd.DataFrame(rows)
 
-    def show_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
-        "A table of decoded texts, targets and decoded predictions."
-        table = self.show_batch(batch, max_n=max_n, max_chars=max_chars)
+    @renamed_keywords(rows="max_n")
+    def show_batch(self, batch=None, max_n: int = 6, max_chars: int = 300) -> None:
+        "Display `decode_batch` once (a notebook table, or text), each text cut at `max_chars`."
+        with pd.option_context("display.max_colwidth", max_chars + 10):
+            display_or_print(self.decode_batch(batch, max_n=max_n, max_chars=max_chars))
+
+    def decode_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
+        "The `decode_batch` table with a classifier's decoded predictions beside the labels (`label_pred`)."
+        table = self.decode_batch(batch, max_n=max_n, max_chars=max_chars)
         if not self.is_lm:
-            table["prediction"] = [self.decode_target(p) for p in preds[:len(table)]]
+            table["label_pred"] = [self.decode_target(p) for p in preds[:len(table)]]
         return table
+
+    def show_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> None:
+        "Display `decode_results` (used by `Learner.show_results`)."
+        with pd.option_context("display.max_colwidth", max_chars + 10):
+            display_or_print(self.decode_results(batch, preds, max_n=max_n, max_chars=max_chars))
 
     def export_state(self) -> dict:
         "A JSON-able spec for `build_exportable`: the token vocabulary, the class names, the rules."

@@ -21,7 +21,7 @@ from ..learner import Callback, Learner
 from ..metrics import accuracy
 from .core import UNK, tokenize
 from .models import (AWD_CONFIGS, AWD_LSTM, awd_lstm_clas_split, awd_lstm_lm_split, get_language_model,
-                                   get_text_classifier, load_pretrained_lm)
+                                   get_text_classifier, load_pretrained_encoder, load_pretrained_lm)
 
 # %% ../../nbs/lessons/04_imdb.ipynb #30943c50
 class ResetRNNCallback(Callback):
@@ -63,7 +63,7 @@ class TextLearner(Learner):
         enc = _encoder_of(self.model)
         if state["encoder.weight"].shape != enc.encoder.weight.shape:
             raise ValueError(f"The saved encoder has a vocabulary of {state['encoder.weight'].shape[0]} tokens, this model "
-                             f"{enc.encoder.weight.shape[0]}: build the classifier's data with text_vocab=dls_lm.text_vocab.")
+                             f"{enc.encoder.weight.shape[0]}: build the classifier's data with text_vocab=dls_lm.vocab.")
         enc.load_state_dict(state)
         return self
 
@@ -102,7 +102,7 @@ def wt103_files() -> tuple[Path, Path]:
     try: folder = untar_data(URLs.WT103_FWD)
     except Exception as err:
         raise RuntimeError("The WikiText-103 language model (WT103_FWD) is not available: it could not be downloaded "
-                           "and no mirror copy was found. Use pretrained=False to train the language model from "
+                           "and no mirror copy was found. Use pretrained=False to train from "
                            "scratch, or pass pretrained_fnames=(weights.pth, itos.pkl) of a local copy.") from err
     weights, vocab = folder / "lstm_fwd.pth", folder / "itos_wt103.pkl"
     if not (weights.exists() and vocab.exists()):
@@ -127,15 +127,21 @@ def language_model_learner(dls, arch=AWD_LSTM, config=None, drop_mult: float = 1
     return learn
 
 def text_classifier_learner(dls, arch=AWD_LSTM, config=None, drop_mult: float = 0.5, seq_len: int = 72,
-                            max_len: int = 72 * 20, lin_ftrs=(50,), metrics=None, lr: float = 2e-3, wd: float = 0.01,
-                            clip: float = 0.1, cbs=None, path=".") -> TextLearner:
-    "A classifier `TextLearner`: AWD-LSTM run over whole reviews in chunks of `seq_len`, concat pooling, linear head."
+                            max_len: int = 72 * 20, lin_ftrs=(50,), pretrained: bool = False, pretrained_fnames=None,
+                            metrics=None, lr: float = 2e-3, wd: float = 0.01, clip: float = 0.1, cbs=None,
+                            path=".") -> TextLearner:
+    "A classifier `TextLearner`: AWD-LSTM over whole reviews in chunks of `seq_len`, concat pooling, linear head."
     cfg = _config(arch, config, "clas")
-    model = get_text_classifier(len(dls.text_vocab), dls.c, cfg, drop_mult, list(lin_ftrs), None, seq_len, max_len)
+    itos = dls.text_vocab.itos
+    model = get_text_classifier(len(itos), dls.c, cfg, drop_mult, list(lin_ftrs), None, seq_len, max_len)
+    if pretrained or pretrained_fnames is not None:
+        weights, vocab = pretrained_fnames if pretrained_fnames is not None else wt103_files()
+        load_pretrained_encoder(_encoder_of(model), weights, vocab, itos)
     learn = TextLearner(dls, model, loss_func=dls.loss_func, lr=lr, wd=wd, clip=clip, metrics=metrics,
                         splitter=awd_lstm_clas_split, cbs=cbs, path=path)
-    learn.model_spec = exportable_spec(get_text_classifier, vocab_sz=len(dls.text_vocab), n_class=dls.c, config=cfg,
+    learn.model_spec = exportable_spec(get_text_classifier, vocab_sz=len(itos), n_class=dls.c, config=cfg,
                                        drop_mult=drop_mult, lin_ftrs=list(lin_ftrs), bptt=seq_len, max_len=max_len)
+    if pretrained or pretrained_fnames is not None: learn.freeze()
     return learn
 
 def top_loss_reviews(learn, k: int = 5, dl=None, max_chars: int = 400) -> pd.DataFrame:

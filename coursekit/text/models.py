@@ -9,7 +9,7 @@ __all__ = ['awd_lstm_lm_config', 'awd_lstm_clas_config', 'awd_lstm_small_lm_conf
            'RNNDropout', 'EmbeddingDropout', 'WeightDropout', 'AWD_LSTM', 'LinearDecoder', 'SequentialRNN',
            'get_language_model', 'SentenceEncoder', 'masked_concat_pool', 'PoolingLinearClassifier',
            'get_text_classifier', 'awd_lstm_lm_split', 'awd_lstm_clas_split', 'load_vocab_pickle', 'match_embeddings',
-           'load_pretrained_lm']
+           'load_pretrained_lm', 'load_pretrained_encoder']
 
 # %% ../../nbs/lessons/04c_text_models.ipynb #e40b5453
 import pickle
@@ -238,16 +238,28 @@ def match_embeddings(state: dict, old_itos: list[str], new_itos: list[str]) -> d
         state[key] = new
     return state
 
-def load_pretrained_lm(model: SequentialRNN, weights_fname, vocab_fname, new_itos: list[str]) -> SequentialRNN:
-    "Load fastai-format AWD-LSTM weights and vocabulary into `model`, re-mapping the embeddings onto `new_itos`."
+def _read_pretrained(weights_fname, vocab_fname, new_itos: list[str]) -> dict:
+    "The state dict of fastai-format language-model weights, its embeddings re-mapped onto `new_itos`."
     state = torch.load(weights_fname, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict): state = state["model"]
-    state = match_embeddings(state, load_vocab_pickle(vocab_fname), new_itos)
-    ours = model.state_dict()
+    return match_embeddings(state, load_vocab_pickle(vocab_fname), new_itos)
+
+def _load_fitting(module: nn.Module, state: dict) -> nn.Module:
+    "Load `state` into `module` after checking that every weight is there with the right shape (extra keys ignored)."
+    ours = module.state_dict()
     state = {k: v for k, v in state.items() if k in ours}           # e.g. fastai's extra copy `module.weight_hh_l0`
     missing = [k for k in ours if k not in state]
     if missing: raise KeyError(f"The pretrained weights lack {missing[:5]}: they do not fit this AWD-LSTM configuration.")
     wrong = [(k, tuple(state[k].shape), tuple(ours[k].shape)) for k in ours if state[k].shape != ours[k].shape]
     if wrong: raise ValueError(f"Shapes differ (pretrained, ours): {wrong[:3]}; use the config the weights were trained with.")
-    model.load_state_dict(state)
-    return model
+    module.load_state_dict(state)
+    return module
+
+def load_pretrained_lm(model: SequentialRNN, weights_fname, vocab_fname, new_itos: list[str]) -> SequentialRNN:
+    "Load fastai-format AWD-LSTM weights and vocabulary into `model`, re-mapping the embeddings onto `new_itos`."
+    return _load_fitting(model, _read_pretrained(weights_fname, vocab_fname, new_itos))
+
+def load_pretrained_encoder(encoder: AWD_LSTM, weights_fname, vocab_fname, new_itos: list[str]) -> AWD_LSTM:
+    "Load the encoder half (the `0.` keys) of fastai-format language-model weights into a classifier's `encoder`."
+    state = _read_pretrained(weights_fname, vocab_fname, new_itos)
+    return _load_fitting(encoder, {k.removeprefix("0."): v for k, v in state.items() if k.startswith("0.")})

@@ -33,7 +33,7 @@ class Backbone:
     make_stages: Callable  # make_stages(pretrained: bool) -> list of nn.Module, strides 2, 4, 8, 16, 32
     stats: tuple           # (mean, std) per channel of the images it was trained on
     source: str            # where its weights come from, for error messages and the docs
-    train_bn: bool = True  # whether batch-norm layers of the frozen body keep adapting (see cnn_learner)
+    train_bn: bool = True  # True: batch norm trains throughout; False: the body's keeps its pretrained statistics
 
 # %% ../../nbs/lessons/01_pets_lib.ipynb #5c1be5b5
 def _load_torchvision(builder, weights_enum, pretrained: bool):

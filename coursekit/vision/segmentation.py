@@ -11,6 +11,7 @@ __all__ = ['VOID_NAMES', 'find_void_code', 'pixel_confusion', 'iou_per_class', '
 # %% ../../nbs/lessons/03_segmentation_lib.ipynb #c2a53803
 import math
 
+import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.nn.functional as F
@@ -152,10 +153,10 @@ class SegmentationInterpretation:
         "Per-class IoU over the whole DataLoader (see `iou_table`)."
         return iou_table(self.confusion, self.learn.dls.vocab, self.void_code)
 
-    def plot_top_losses(self, k: int = 4, ncols: int = 2):
-        "Target and predicted masks of the `k` worst images, titled with their loss."
+    def plot_top_losses(self, k: int = 4, ncols: int = 2) -> None:
+        "Draw the actual and predicted masks of the `k` worst images side by side, the actual one titled with the loss."
         losses, idxs = self.top_losses(k)
-        axs = self.learn.dls.show_results((self.inputs[idxs], self.targs[idxs]), self.decoded[idxs], max_n=k, ncols=ncols)
-        for i, loss in enumerate(losses):
-            axs[2 * i].set_title(f"target (loss {loss:.2f})")
-        return axs
+        self.learn.dls.show_results((self.inputs[idxs], self.targs[idxs]), self.decoded[idxs], max_n=k, ncols=ncols)
+        axs = plt.gcf().axes
+        for i, loss in enumerate(losses.tolist()):
+            axs[2 * i].set_title(f"actual (loss {loss:.2f})", fontsize=9)

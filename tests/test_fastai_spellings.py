@@ -1,0 +1,283 @@
+"""The spellings a fastai course or book user types (issue 12): each one works with fastai's meaning, or fails
+with a message that names coursekit's spelling. The table itself is in `nbs/core/11_from_fastai.ipynb`."""
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torchvision
+
+from coursekit.core import set_seed
+from coursekit.data.external import URLs, untar_data
+from coursekit.learner import load_learner
+from coursekit.metrics import accuracy
+from coursekit.tabular.collab import CollabDataLoaders, CollabInterpretation, collab_learner, pca
+from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
+from coursekit.tabular.learner import tabular_learner
+from coursekit.text.data import TextDataLoaders
+from coursekit.text.learner import text_classifier_learner
+from coursekit.text.models import AWD_CONFIGS, get_language_model
+from coursekit.vision.data import Normalize
+
+ADULT_CATS = ["workclass", "education", "marital-status", "occupation", "relationship", "race"]
+ADULT_CONTS = ["age", "fnlwgt", "education-num"]
+
+
+def ratings() -> pd.DataFrame:
+    "Every user rates every movie once, 1 to 5 stars; users are numbers and movies titles, as in MovieLens."
+    rng = np.random.default_rng(0)
+    pairs = [(u, m) for u in range(10) for m in range(8)]
+    return pd.DataFrame({"user": [u for u, _ in pairs], "title": [f"Movie {m} (199{m})" for _, m in pairs],
+                         "rating": rng.integers(1, 6, len(pairs)).astype(float)})
+
+
+def people(n: int = 40) -> pd.DataFrame:
+    "A small table with a category, a number with holes and a string target."
+    rng = np.random.default_rng(0)
+    age = rng.uniform(20, 60, n)
+    age[::7] = np.nan
+    return pd.DataFrame({"colour": rng.choice(["red", "blue", "green"], n), "age": age,
+                         "salary": np.where(rng.random(n) > 0.5, ">=50k", "<50k")})
+
+
+def reviews() -> pd.DataFrame:
+    "A tiny corpus of labelled reviews, the last quarter for validation."
+    texts = ["a great film , loved it", "boring and too long", "great acting , great story", "terrible plot , boring"]
+    df = pd.DataFrame({"text": texts * 8, "label": ["pos", "neg", "pos", "neg"] * 8})
+    df["is_valid"] = np.arange(len(df)) >= 24
+    return df
+
+
+# --- collab: learn.model.bias(items) / learn.model.weight(items), pca(x, k) ---------------------------------------
+
+@pytest.fixture
+def collab():
+    dls = CollabDataLoaders.from_df(ratings(), item_name="title", valid_pct=0.2, seed=0, bs=16, device="cpu")
+    learn = collab_learner(dls, n_factors=4, y_range=(0, 5.5))
+    with learn.no_bar():
+        learn.fit_one_cycle(1, 5e-3)
+    return learn
+
+
+def test_model_bias_takes_the_course_item_ids(collab):
+    top_movies = ["Movie 3 (1993)", "Movie 0 (1990)"]
+    movie_bias = collab.model.bias(top_movies, is_item=True)
+    assert movie_bias.shape == (2,)
+    expected = collab.model.i_bias.weight[[3, 0], 0].detach()
+    torch.testing.assert_close(movie_bias, expected)
+
+
+def test_model_bias_and_weight_default_to_items_and_read_users_with_is_item_false(collab):
+    torch.testing.assert_close(collab.model.bias(["Movie 1 (1991)"]), collab.model.i_bias.weight[[1], 0].detach())
+    torch.testing.assert_close(collab.model.weight([7, 2], is_item=False), collab.model.u_weight.weight[[7, 2]].detach())
+
+
+def test_model_weight_and_pca_as_the_course_spells_them(collab):
+    top_movies = [f"Movie {m} (199{m})" for m in range(8)]
+    movie_w = collab.model.weight(top_movies, is_item=True)
+    assert movie_w.shape == (8, 4)
+    movie_pca = pca(movie_w, 3)
+    assert movie_pca.shape == (8, 3)
+    variances = movie_pca.var(0)
+    assert variances[0] >= variances[1] >= variances[2]
+
+
+def test_model_bias_names_an_unknown_item(collab):
+    with pytest.raises(KeyError, match="Movie 99"):
+        collab.model.bias(["Movie 99 (2099)"])
+
+
+def test_interpretation_reads_the_same_numbers_as_the_model(collab):
+    interp = CollabInterpretation.from_learner(collab)
+    titles = ["Movie 5 (1995)", "Movie 2 (1992)"]
+    np.testing.assert_allclose(interp.bias(titles).to_numpy(), collab.model.bias(titles).numpy())
+    np.testing.assert_allclose(interp.weight(titles).to_numpy(), collab.model.weight(titles).numpy())
+
+
+def test_after_export_the_interpretation_joins_the_weights_and_the_ids(collab, tmp_path):
+    collab.path = tmp_path
+    loaded = load_learner(collab.export("movies.ck"), device="cpu")
+    titles = ["Movie 4 (1994)", "Movie 6 (1996)"]
+    with pytest.raises(ValueError, match=r"CollabInterpretation\.from_learner\(learn\)"):
+        loaded.model.bias(titles)
+    interp = CollabInterpretation.from_learner(loaded)
+    np.testing.assert_allclose(interp.bias(titles).to_numpy(), collab.model.bias(titles).numpy())
+
+
+# --- text: text_vocab=dls_lm.vocab, text_classifier_learner(pretrained=...) ------------------------------------------
+
+@pytest.fixture
+def dls_lm(tmp_path):
+    return TextDataLoaders.from_df(reviews(), is_lm=True, bs=4, seq_len=8, cache_dir=tmp_path, device="cpu")
+
+
+def test_text_vocab_takes_the_language_model_vocab(dls_lm, tmp_path):
+    dls_clas = TextDataLoaders.from_df(reviews(), text_vocab=dls_lm.vocab, bs=8, cache_dir=tmp_path, device="cpu")
+    assert dls_clas.text_vocab == dls_lm.text_vocab
+
+
+def test_text_vocab_of_class_names_names_the_language_model_vocab(dls_lm, tmp_path):
+    dls_clas = TextDataLoaders.from_df(reviews(), text_vocab=dls_lm.vocab, bs=8, cache_dir=tmp_path, device="cpu")
+    with pytest.raises(ValueError, match=r"dls_lm\.vocab"):
+        TextDataLoaders.from_df(reviews(), text_vocab=dls_clas.vocab, bs=8, cache_dir=tmp_path, device="cpu")
+
+
+def wikitext_files(folder, itos: list) -> tuple:
+    "A checkpoint in fastai's WikiText-103 format (key names and pickled vocabulary) for the small configuration."
+    state = get_language_model(len(itos), AWD_CONFIGS["small_lm"]).state_dict()
+    torch.save(state, folder / "lstm_fwd.pth")
+    with open(folder / "itos_wt103.pkl", "wb") as f:
+        pickle.dump(itos, f)
+    return (folder / "lstm_fwd.pth", folder / "itos_wt103.pkl"), state
+
+
+def test_text_classifier_pretrained_loads_the_encoder_and_freezes_it(dls_lm, tmp_path):
+    dls_clas = TextDataLoaders.from_df(reviews(), text_vocab=dls_lm.vocab, bs=8, cache_dir=tmp_path, device="cpu")
+    itos = ["xxunk", "xxpad", "great", "film"] + [f"w{i}" for i in range(12)]
+    fnames, state = wikitext_files(tmp_path, itos)
+    learn = text_classifier_learner(dls_clas, config="small_clas", pretrained=True, pretrained_fnames=fnames)
+    encoder = learn.model[0].module
+    row = dls_clas.text_vocab.stoi["great"]
+    torch.testing.assert_close(encoder.encoder.weight[row].detach(), state["0.encoder.weight"][2])
+    torch.testing.assert_close(encoder.rnns[0].weight_hh_l0_raw.detach(), state["0.rnns.0.weight_hh_l0_raw"])
+    assert not any(p.requires_grad for p in encoder.parameters())
+    assert all(p.requires_grad for p in learn.model[1].parameters())
+
+
+def test_text_classifier_without_pretrained_trains_everything(dls_lm, tmp_path):
+    dls_clas = TextDataLoaders.from_df(reviews(), text_vocab=dls_lm.vocab, bs=8, cache_dir=tmp_path, device="cpu")
+    learn = text_classifier_learner(dls_clas, config="small_clas", pretrained=False)
+    assert all(p.requires_grad for p in learn.model.parameters())
+
+
+# --- tabular: from_df(df, path, procs=..., ...), procs=[Categorify, FillMissing, Normalize] ---------------------------
+
+def test_tabular_from_df_takes_the_course_positional_path(tmp_path):
+    df = people()
+    dls = TabularDataLoaders.from_df(df, tmp_path, procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                     cont_names=["age"], y_names="salary", valid_idx=list(range(30, 40)), bs=8,
+                                     device="cpu")
+    assert dls.path == tmp_path
+    assert len(dls.valid.items) == 10
+    assert sorted(dls.valid.items.index) == list(range(30, 40))
+
+
+def test_tabular_from_csv_takes_path_as_the_course_does(tmp_path):
+    people().to_csv(tmp_path / "adult.csv", index=False)
+    dls = TabularDataLoaders.from_csv(tmp_path / "adult.csv", path=tmp_path, y_names="salary", cat_names=["colour"],
+                                      cont_names=["age"], procs=[Categorify, FillMissing, Standardize], device="cpu")
+    assert dls.path == tmp_path
+
+
+def test_tabular_columns_in_the_old_positional_order_name_the_keywords(tmp_path):
+    with pytest.raises(TypeError, match="cat_names="):
+        TabularDataLoaders.from_df(people(), ["colour"], ["age"], "salary", device="cpu")
+
+
+def test_the_course_normalize_proc_names_standardize():
+    with pytest.raises(TypeError, match="Standardize"):
+        TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Normalize], cat_names=["colour"],
+                                   cont_names=["age"], y_names="salary", device="cpu")
+
+
+# --- the notebook star import ------------------------------------------------------------------------------------------
+
+def star_import() -> dict:
+    namespace = {}
+    exec("from coursekit.all import *", namespace)
+    return namespace
+
+
+def test_star_import_gives_what_a_fastai_notebook_has():
+    names = star_import()
+    for name in ("np", "pd", "torch", "nn", "F", "partial", "Path", "plt"):
+        assert name in names, f"from coursekit.all import * does not give {name}"
+    assert names["nn"] is torch.nn and names["F"] is torch.nn.functional
+
+
+def test_star_import_gives_the_torchvision_architectures_by_name():
+    names = star_import()
+    for arch in ("resnet18", "resnet34", "resnet50"):
+        assert names[arch] is getattr(torchvision.models, arch)
+
+
+def test_star_import_gives_no_module_under_a_fastai_function_name():
+    vision_learner = star_import()["vision_learner"]
+    with pytest.raises(TypeError, match="coursekit calls it cnn_learner"):
+        vision_learner(None, torchvision.models.resnet34)
+
+
+@pytest.mark.parametrize("name,ours", [("ImageDataBunch", "ImageDataLoaders"), ("get_transforms", "aug_transforms"),
+                                       ("DataBunch", "DataLoaders"), ("create_cnn", "cnn_learner"),
+                                       ("TabularPandas", "TabularDataLoaders.from_df"),
+                                       ("TextClasDataBunch", "TextDataLoaders"), ("CollabDataBunch", "CollabDataLoaders")])
+def test_fastai_names_name_coursekit_ones(name, ours):
+    signpost = star_import()[name]
+    with pytest.raises(TypeError, match=f"coursekit calls it {ours}"):
+        signpost()
+    with pytest.raises(AttributeError, match=f"coursekit calls it {ours}"):
+        signpost.from_folder
+
+
+@pytest.mark.parametrize("make", ["tabular", "collab", "text"])
+def test_show_batch_rows_names_max_n(make, tmp_path):
+    if make == "tabular":
+        dls = TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                         cont_names=["age"], y_names="salary", device="cpu")
+    elif make == "collab":
+        dls = CollabDataLoaders.from_df(ratings(), item_name="title", device="cpu")
+    else:
+        dls = TextDataLoaders.from_df(reviews(), bs=8, cache_dir=tmp_path, device="cpu")
+    with pytest.raises(TypeError, match="takes max_n=, not fastai's rows="):
+        dls.show_batch(rows=3)
+
+
+def test_star_import_patches_no_other_library():
+    check = ("import pathlib, torch\nfrom coursekit.all import *\n"
+             "assert not hasattr(pathlib.Path, 'ls'), 'Path.ls'\nassert not hasattr(torch.Tensor, 'pca'), 'Tensor.pca'")
+    subprocess.run([sys.executable, "-c", check], check=True)
+
+
+# --- the course's flows on the mirror data, judged against a trivial baseline ------------------------------------------
+
+def test_tabular_as_the_course_spells_it_beats_the_majority_class():
+    path = untar_data(URLs.ADULT_SAMPLE)
+    with pytest.raises(TypeError, match="Standardize"):                 # the course's procs name ours
+        TabularDataLoaders.from_csv(path / "adult.csv", path=path, y_names="salary", cat_names=ADULT_CATS,
+                                    cont_names=ADULT_CONTS, procs=[Categorify, FillMissing, Normalize])
+    set_seed(0)
+    dls = TabularDataLoaders.from_csv(path / "adult.csv", path=path, y_names="salary", cat_names=ADULT_CATS,
+                                      cont_names=ADULT_CONTS, procs=[Categorify, FillMissing, Standardize], seed=42,
+                                      bs=256, device="cpu")
+    learn = tabular_learner(dls, metrics=accuracy)
+    with learn.no_bar():
+        learn.fit_one_cycle(1, 1e-2)
+    majority = dls.valid.items["salary"].value_counts(normalize=True).max()
+    assert learn.validate()[1] > majority + 0.03
+
+
+def test_collab_as_the_course_spells_it_beats_the_mean_rating():
+    path = untar_data(URLs.ML_100k)
+    ratings = pd.read_csv(path / "u.data", delimiter="\t", header=None, names=["user", "movie", "rating", "timestamp"])
+    movies = pd.read_csv(path / "u.item", delimiter="|", encoding="latin-1", usecols=(0, 1), names=("movie", "title"),
+                         header=None)
+    ratings = ratings.merge(movies)
+    with pytest.raises(ValueError, match="groupby"):       # two movies share a title: the error says how to merge them
+        CollabDataLoaders.from_df(ratings, item_name="title", bs=64)
+    ratings = ratings.groupby(["user", "title"], as_index=False)["rating"].mean()
+    set_seed(0)
+    dls = CollabDataLoaders.from_df(ratings, item_name="title", bs=256, seed=42, device="cpu")
+    learn = collab_learner(dls, n_factors=50, y_range=(0, 5.5))
+    with learn.no_bar():
+        learn.fit_one_cycle(2, 5e-3, wd=0.1)
+    train_mean = dls.train.items["rating"].mean()
+    baseline = ((dls.valid.items["rating"] - train_mean) ** 2).mean()
+    assert learn.validate()[0] < baseline - 0.15
+    g = ratings.groupby("title")["rating"].count()
+    top_movies = g.sort_values(ascending=False).index.values[:100]
+    movie_bias = learn.model.bias(top_movies, is_item=True)
+    movie_pca = pca(learn.model.weight(top_movies, is_item=True), 3)
+    assert movie_bias.shape == (100,) and movie_pca.shape == (100, 3)

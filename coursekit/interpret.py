@@ -8,12 +8,10 @@ __all__ = ['Interpretation', 'check_single_label', 'ClassificationInterpretation
 
 # %% ../nbs/core/08_interpret.ipynb #54716683
 import math
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from PIL import Image
 
 from .data.core import result_title
 
@@ -38,10 +36,7 @@ class Interpretation:
 
     def _item_image(self, idx: int):
         "The image of item `idx`, as something `imshow` draws."
-        item = self.items[idx]
-        if isinstance(item, (str, Path)):
-            return Image.open(item).convert("RGB")
-        image = self.dl.dataset[idx][0]
+        image = self.dl.dataset[idx][0]  # decoded by the block: upright and in range, as the model sees it
         image = image.permute(1, 2, 0) if image.ndim == 3 else image
         return image.cpu().numpy()
 

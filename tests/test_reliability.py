@@ -518,7 +518,7 @@ def test_ctrl_c_keeps_the_weights_reached(tmp_path, event, capsys):
     learn = make_learner(tmp_path)
     for cb in [cb for cb in learn.cbs if isinstance(cb, ProgressCallback)]:
         learn.remove_cb(cb)
-    progress = learn.add_cb(ProgressCallback(notebook=True))  # the notebook display: a tqdm bar per phase
+    progress = learn.add_cb(ProgressCallback(notebook=True))  # the notebook display: one bar per fit
     snaps, ctrl_c, hooked = Snapshots(), CtrlC(event, at=5), Hooked()
     with pytest.raises(KeyboardInterrupt):
         learn.fit(3, cbs=[snaps, ctrl_c, hooked])

@@ -356,7 +356,7 @@ class DataLoader:
         "The batches of indices for one epoch, and the indices `drop_last` leaves out of it."
         n = len(self.dataset)
         order = torch.randperm(n) if self.shuffle else torch.arange(n)
-        batches = [b.tolist() for b in order.split(self.bs)]
+        batches = [b.tolist() for b in order.split(self.bs) if len(b)]  # an empty dataset gives no batch at all
         dropped = batches.pop() if self.drop_last and batches and len(batches[-1]) < self.bs else []
         return batches, dropped
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 from ..core import atomic_write, try_lock
@@ -459,15 +459,33 @@ class ImageCheck:
         lines += [f"  {p}: not resized, {why}" for p, why in self.not_resized.items()]
         return "\n".join(lines)
 
+_SAVE_AS = {"MPO": "JPEG"}                # a camera's multi-picture JPEG, shrunk, is its first picture: a JPEG
+_JPEG_MODES = ("L", "RGB", "CMYK")
+_EXIF_FORMATS = ("JPEG", "PNG", "WEBP")   # formats whose EXIF fields (camera, date, ...) are written back
+
+def _save_options(original: Image.Image, shrunk: Image.Image, fmt: str) -> dict:
+    "How to save a shrunk image: its format, quality 90 for JPEG/WebP, its colour profile and its EXIF without the orientation."
+    options = {"format": fmt}
+    if fmt in ("JPEG", "WEBP"):
+        options["quality"] = 90
+    if "icc_profile" in original.info:
+        options["icc_profile"] = original.info["icc_profile"]
+    if fmt in _EXIF_FORMATS:
+        options["exif"] = shrunk.getexif()   # exif_transpose has removed the orientation tag
+    return options
+
 def _shrink(path, max_size: int) -> bool:
+    "Shrink the image at `path` to `max_size` pixels a side, upright (orientation applied, tag removed); False if small."
     with Image.open(path) as im:
         if max(im.size) <= max_size:
             return False
-        fmt = im.format
-        im.thumbnail((max_size, max_size))
-        if fmt == "JPEG" and im.mode not in ("RGB", "L"):
-            im = im.convert("RGB")
-        atomic_write(path, lambda f: im.save(f, format=fmt))   # keeps the file's permissions, never half an image
+        fmt = _SAVE_AS.get(im.format, im.format)
+        upright = ImageOps.exif_transpose(im)
+        upright.thumbnail((max_size, max_size))
+        if fmt == "JPEG" and upright.mode not in _JPEG_MODES:
+            upright = upright.convert("RGB")
+        options = _save_options(im, upright, fmt)
+    atomic_write(path, lambda f: upright.save(f, **options))   # keeps the file's permissions, never half an image
     return True
 
 def _shrink_or_report(path, max_size: int, result: ImageCheck):

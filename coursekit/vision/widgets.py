@@ -22,7 +22,7 @@ from IPython.display import display
 import torch
 from PIL import Image
 
-from .data import get_image_files
+from .data import get_image_files, open_image
 from .learner import cnn_features
 from .utils import (TRASH_FOLDER, FolderClaim, FolderInUseError, TrashJournal, WriterReplacedError,
                                     atomic_write_bytes)
@@ -350,10 +350,10 @@ def thumbnail_bytes(path, size: int = 160) -> bytes:
     with Image.open(path) as im:
         if im.width * im.height > Image.MAX_IMAGE_PIXELS:
             raise ValueError(f"too large to show: {im.width}×{im.height} pixels")
-        im = im.convert("RGB")
-        im.thumbnail((size, size))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=85)
+    im = open_image(path)  # what the model sees: upright, in range, transparency on white
+    im.thumbnail((size, size))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
 
 def _placeholder() -> bytes:

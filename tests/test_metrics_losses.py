@@ -109,6 +109,7 @@ def test_multi_class_metrics_equal_sklearn_for_every_average():
     assert learn.recorder.values[-1][2:] == pytest.approx(expected, abs=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")  # an item with no label
 def test_multi_label_metrics_equal_sklearn():
     "Several labels per item (BCE): thresholded sigmoids for F1/precision/recall, sigmoids for the ROC AUC."
     generator = torch.Generator().manual_seed(1)
@@ -236,3 +237,55 @@ def test_label_smoothing_equals_pytorch_and_focal_with_gamma_zero_equals_cross_e
     torch.testing.assert_close(FocalLoss(gamma=0.0)(logits, targets), cross_entropy)
     torch.testing.assert_close(FocalLossFlat(gamma=0.0)(logits, targets), cross_entropy)
     assert FocalLoss(gamma=2.0)(logits, targets) < cross_entropy
+
+
+# --- every average, on random predictions gathered over several batches ---------------------------------------
+
+
+class BatchLearn:
+    "What a metric reads of a learner: the model's outputs and the targets of one batch."
+    def __init__(self, pred, target):
+        self.pred = pred
+        self.yb = (target,)
+
+
+def gathered_value(metric, preds, targets, bs: int) -> float:
+    "The metric's value after accumulating `preds` and `targets` in batches of `bs`."
+    metric.reset()
+    for start in range(0, len(preds), bs):
+        metric.accumulate(BatchLearn(preds[start:start + bs], targets[start:start + bs]))
+    return metric.value
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
+@pytest.mark.parametrize("seed", range(12))
+def test_random_predictions_in_batches_equal_sklearn_for_every_average(seed):
+    generator = torch.Generator().manual_seed(seed)
+    n_items = int(torch.randint(5, 40, (1,), generator=generator))
+    n_classes = int(torch.randint(2, 5, (1,), generator=generator))
+    logits = torch.randn(n_items, n_classes, generator=generator)
+    classes = torch.randint(0, n_classes, (n_items,), generator=generator)
+    labels = torch.randint(0, 2, (n_items, n_classes), generator=generator)
+    y_pred = logits.argmax(dim=1).numpy()
+    y_labels = (torch.sigmoid(logits) >= 0.5).numpy()
+    averages = ("macro", "micro", "weighted") + (("binary",) if n_classes == 2 else ())
+    for factory, sklearn_score in ((F1Score, skm.f1_score), (Precision, skm.precision_score),
+                                   (Recall, skm.recall_score)):
+        for average in averages:
+            value = gathered_value(factory(average=average), logits, classes, bs=7)
+            assert value == pytest.approx(sklearn_score(classes.numpy(), y_pred, average=average)), (factory, average)
+    for factory, sklearn_score in ((F1ScoreMulti, skm.f1_score), (PrecisionMulti, skm.precision_score),
+                                   (RecallMulti, skm.recall_score)):
+        for average in ("macro", "micro", "weighted", "samples"):
+            value = gathered_value(factory(average=average), logits, labels, bs=7)
+            assert value == pytest.approx(sklearn_score(labels.numpy(), y_labels, average=average)), (factory, average)
+
+
+def test_f1_over_pixels_of_a_segmentation_equals_sklearn_on_the_flattened_masks():
+    "`axis=1`: a class score per pixel, as a segmentation model outputs; masks of (N, H, W) class indices."
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, 3, 4, 5, generator=generator)
+    masks = torch.randint(0, 3, (6, 4, 5), generator=generator)
+    value = gathered_value(F1Score(axis=1, average="macro"), logits, masks, bs=4)
+    expected = skm.f1_score(masks.reshape(-1).numpy(), logits.argmax(dim=1).reshape(-1).numpy(), average="macro")
+    assert value == pytest.approx(expected)

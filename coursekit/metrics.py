@@ -153,6 +153,8 @@ def _score_from_counts(kind: str, true_pos, false_pos, false_neg):
 
 def _averaged_score(kind: str, predicted, actual, average: str):
     "Precision, recall or F1 of boolean (items, labels) tables `predicted` and `actual`, averaged as scikit-learn does."
+    predicted = predicted.cpu()  # counted in float64, which not every device has
+    actual = actual.cpu()
     if average == "micro":
         dims = (0, 1)
     elif average == "samples":
@@ -238,13 +240,15 @@ def _average_ranks(values):
 
 def _binary_auc(scores, positives, what: str = "the positive class"):
     "ROC AUC of `scores` for the boolean `positives`: the chance that a positive outscores a negative, ties half."
+    scores = scores.cpu().double()  # rank sums need float64, which not every device has
+    positives = positives.cpu()
     n_pos = int(positives.sum())
     n_neg = len(positives) - n_pos
     if n_pos == 0 or n_neg == 0:
         missing = "positive" if n_pos == 0 else "negative"
         raise ValueError(f"ROC AUC is not defined for {what}: the validation set has no {missing} item for it. "
                          "Use a validation set holding both (a larger or stratified split).")
-    rank_sum = _average_ranks(scores.double())[positives].sum()
+    rank_sum = _average_ranks(scores)[positives].sum()
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 def _positive_probability(preds, axis: int):
@@ -264,7 +268,7 @@ def _columns_auc(scores, actual, average: str, name: str):
     "ROC AUC of each column of `scores` against the boolean table `actual`, averaged ('macro', 'weighted')."
     aucs = torch.stack([_binary_auc(scores[:, i], actual[:, i], f"{name} {i}") for i in range(scores.shape[1])])
     if average == "weighted":
-        support = actual.sum(0).double()
+        support = actual.sum(0).cpu().double()
         return (aucs * support).sum() / support.sum()
     return aucs.mean()
 

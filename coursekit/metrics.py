@@ -172,6 +172,10 @@ def _averaged_score(kind: str, predicted, actual, average: str):
 
 def _single_label_score(preds, targs, kind: str, axis: int, pos_label: int, average: str):
     "Precision, recall or F1 of the classes `argmax(preds, axis)` against the class indices `targs`."
+    if preds.ndim == 1 or preds.shape[axis] == 1:
+        raise ValueError(f"F1Score, Precision and Recall need a score per class along axis={axis}, got predictions of "
+                         f"shape {tuple(preds.shape)}. For a model with a single output (a sigmoid), use the Multi "
+                         "version (F1ScoreMulti, PrecisionMulti, RecallMulti), which thresholds it.")
     predicted = preds.argmax(dim=axis).reshape(-1)
     actual = targs.reshape(-1).long()
     if len(predicted) != len(actual):

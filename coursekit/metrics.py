@@ -5,7 +5,8 @@ validation set (`AvgMetric`, `AccumMetric`)."""
 
 # %% auto #0
 __all__ = ['rmse', 'accuracy', 'error_rate', 'items_in_batch', 'weighted_mean', 'metric_name', 'AvgMetric', 'AccumMetric', 'mae',
-           'R2Score']
+           'R2Score', 'F1Score', 'Precision', 'Recall', 'F1ScoreMulti', 'PrecisionMulti', 'RecallMulti', 'RocAucBinary',
+           'RocAuc', 'RocAucMulti', 'Perplexity']
 
 # %% ../nbs/core/05_metrics.ipynb #c7bacb3f
 import functools
@@ -126,3 +127,202 @@ def _r2_score(preds, targs):
 def R2Score() -> AccumMetric:
     "The coefficient of determination R² over the whole validation set (1: perfect, 0: no better than the mean)."
     return AccumMetric(_r2_score, name="r2_score")
+
+# %% ../nbs/core/05_metrics.ipynb #d35a5431
+_SINGLE_LABEL_AVERAGES = ("binary", "macro", "micro", "weighted")
+_MULTI_LABEL_AVERAGES = ("macro", "micro", "weighted", "samples")
+
+def _check_average(average: str, allowed: tuple):
+    "A ValueError naming the allowed choices when `average` is not one of them."
+    if average not in allowed:
+        raise ValueError(f"average={average!r} is not known here: use one of {', '.join(map(repr, allowed))}.")
+
+def _ratio(numerator, denominator):
+    "`numerator / denominator`, and 0 where the denominator is 0 (scikit-learn's `zero_division=0`)."
+    numerator = numerator.double()
+    denominator = denominator.double()
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1e-300), torch.zeros_like(numerator))
+
+def _score_from_counts(kind: str, true_pos, false_pos, false_neg):
+    "Precision, recall or F1 (`kind`) from the counts of true positives, false positives and false negatives."
+    if kind == "precision":
+        return _ratio(true_pos, true_pos + false_pos)
+    if kind == "recall":
+        return _ratio(true_pos, true_pos + false_neg)
+    return _ratio(2 * true_pos, 2 * true_pos + false_pos + false_neg)
+
+def _averaged_score(kind: str, predicted, actual, average: str):
+    "Precision, recall or F1 of boolean (items, labels) tables `predicted` and `actual`, averaged as scikit-learn does."
+    predicted = predicted.cpu()  # counted in float64, which not every device has
+    actual = actual.cpu()
+    if average == "micro":
+        dims = (0, 1)
+    elif average == "samples":
+        dims = 1
+    else:
+        dims = 0
+    true_pos = (predicted & actual).sum(dims)
+    false_pos = (predicted & ~actual).sum(dims)
+    false_neg = (~predicted & actual).sum(dims)
+    scores = _score_from_counts(kind, true_pos, false_pos, false_neg)
+    if average == "weighted":
+        support = true_pos + false_neg
+        return _ratio((scores * support).sum(), support.sum())
+    return scores.mean()
+
+def _single_label_score(preds, targs, kind: str, axis: int, pos_label: int, average: str):
+    "Precision, recall or F1 of the classes `argmax(preds, axis)` against the class indices `targs`."
+    if preds.ndim == 1 or preds.shape[axis] == 1:
+        raise ValueError(f"F1Score, Precision and Recall need a score per class along axis={axis}, got predictions of "
+                         f"shape {tuple(preds.shape)}. For a model with a single output (a sigmoid), use the Multi "
+                         "version (F1ScoreMulti, PrecisionMulti, RecallMulti), which thresholds it.")
+    predicted = preds.argmax(dim=axis).reshape(-1)
+    actual = targs.reshape(-1).long()
+    if len(predicted) != len(actual):
+        raise ValueError(f"Got {len(predicted)} predicted classes for {len(actual)} targets: give one target class per "
+                         f"item and the class scores along axis={axis} (predictions of shape {tuple(preds.shape)}).")
+    labels = torch.unique(torch.cat([predicted, actual]))
+    if average == "binary":
+        if len(labels) > 2:
+            raise ValueError(f"average='binary' scores one class of a two-class problem, but the validation set has "
+                             f"{len(labels)} classes: use average='macro', 'micro' or 'weighted'.")
+        labels = torch.tensor([pos_label], device=actual.device)
+        average = "macro"
+    return _averaged_score(kind, predicted[:, None] == labels, actual[:, None] == labels, average)
+
+def _multi_label_score(preds, targs, kind: str, thresh: float, sigmoid: bool, average: str):
+    "Precision, recall or F1 of the labels whose probability is at least `thresh`, against 0/1 targets."
+    if preds.shape != targs.shape:
+        raise ValueError(f"A multi-label metric needs one score per label and item: got predictions of shape "
+                         f"{tuple(preds.shape)} and targets of shape {tuple(targs.shape)}.")
+    probs = torch.sigmoid(preds) if sigmoid else preds
+    return _averaged_score(kind, probs >= thresh, targs.bool(), average)
+
+def _single_label_metric(kind: str, name: str, axis: int, pos_label: int, average: str) -> AccumMetric:
+    "An `AccumMetric` named `name` computing `kind` over one class per item."
+    _check_average(average, _SINGLE_LABEL_AVERAGES)
+    score = functools.partial(_single_label_score, kind=kind, axis=axis, pos_label=pos_label, average=average)
+    return AccumMetric(score, name=name)
+
+def _multi_label_metric(kind: str, name: str, thresh: float, sigmoid: bool, average: str) -> AccumMetric:
+    "An `AccumMetric` named `name` computing `kind` over several labels per item."
+    _check_average(average, _MULTI_LABEL_AVERAGES)
+    score = functools.partial(_multi_label_score, kind=kind, thresh=thresh, sigmoid=sigmoid, average=average)
+    return AccumMetric(score, name=name)
+
+def F1Score(axis: int = -1, pos_label: int = 1, average: str = "binary") -> AccumMetric:
+    "F1 score (harmonic mean of precision and recall) over the whole validation set, one class per item."
+    return _single_label_metric("f1", "f1_score", axis, pos_label, average)
+
+def Precision(axis: int = -1, pos_label: int = 1, average: str = "binary") -> AccumMetric:
+    "Precision (the share of predicted positives that are positive) over the whole validation set, one class per item."
+    return _single_label_metric("precision", "precision_score", axis, pos_label, average)
+
+def Recall(axis: int = -1, pos_label: int = 1, average: str = "binary") -> AccumMetric:
+    "Recall (the share of positives found) over the whole validation set, one class per item."
+    return _single_label_metric("recall", "recall_score", axis, pos_label, average)
+
+def F1ScoreMulti(thresh: float = 0.5, sigmoid: bool = True, average: str = "macro") -> AccumMetric:
+    "F1 score over the whole validation set, several labels per item (a label is predicted when its probability >= `thresh`)."
+    return _multi_label_metric("f1", "f1_score", thresh, sigmoid, average)
+
+def PrecisionMulti(thresh: float = 0.5, sigmoid: bool = True, average: str = "macro") -> AccumMetric:
+    "Precision over the whole validation set, several labels per item (a label is predicted when its probability >= `thresh`)."
+    return _multi_label_metric("precision", "precision_score", thresh, sigmoid, average)
+
+def RecallMulti(thresh: float = 0.5, sigmoid: bool = True, average: str = "macro") -> AccumMetric:
+    "Recall over the whole validation set, several labels per item (a label is predicted when its probability >= `thresh`)."
+    return _multi_label_metric("recall", "recall_score", thresh, sigmoid, average)
+
+# %% ../nbs/core/05_metrics.ipynb #af9f7fe7
+def _average_ranks(values):
+    "The 1-based rank of each value in increasing order, tied values sharing the mean of their ranks."
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    last_ranks = counts.cumsum(0).double()
+    mean_ranks = last_ranks - (counts.double() - 1) / 2
+    return mean_ranks[inverse]
+
+def _binary_auc(scores, positives, what: str = "the positive class"):
+    "ROC AUC of `scores` for the boolean `positives`: the chance that a positive outscores a negative, ties half."
+    scores = scores.cpu().double()  # rank sums need float64, which not every device has
+    positives = positives.cpu()
+    n_pos = int(positives.sum())
+    n_neg = len(positives) - n_pos
+    if n_pos == 0 or n_neg == 0:
+        missing = "positive" if n_pos == 0 else "negative"
+        raise ValueError(f"ROC AUC is not defined for {what}: the validation set has no {missing} item for it. "
+                         "Use a validation set holding both (a larger or stratified split).")
+    rank_sum = _average_ranks(scores)[positives].sum()
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+
+def _positive_probability(preds, axis: int):
+    "The probability of the positive class: the softmax's last column of two outputs, the sigmoid of one."
+    if preds.ndim == 1 or preds.shape[axis] == 1:
+        return torch.sigmoid(preds.reshape(-1))
+    if preds.shape[axis] != 2:
+        raise ValueError(f"RocAucBinary is for a model with one or two outputs, got {preds.shape[axis]} along "
+                         f"axis={axis}: use RocAuc() for one class among several, RocAucMulti() for several labels.")
+    return torch.softmax(preds, dim=axis).select(axis, 1).reshape(-1)
+
+def _roc_auc_binary(preds, targs, axis: int):
+    "ROC AUC of the positive class (class 1) of a two-class problem."
+    return _binary_auc(_positive_probability(preds, axis), targs.reshape(-1) == 1)
+
+def _columns_auc(scores, actual, average: str, name: str):
+    "ROC AUC of each column of `scores` against the boolean table `actual`, averaged ('macro', 'weighted')."
+    aucs = torch.stack([_binary_auc(scores[:, i], actual[:, i], f"{name} {i}") for i in range(scores.shape[1])])
+    if average == "weighted":
+        support = actual.sum(0).cpu().double()
+        return (aucs * support).sum() / support.sum()
+    return aucs.mean()
+
+def _roc_auc_one_vs_rest(preds, targs, axis: int, average: str):
+    "ROC AUC of each class against the others (softmax over `axis`), averaged over the classes."
+    probs = torch.softmax(preds, dim=axis).movedim(axis, -1)
+    probs = probs.reshape(-1, probs.shape[-1])
+    classes = torch.arange(probs.shape[1], device=targs.device)
+    actual = targs.reshape(-1, 1).long() == classes
+    return _columns_auc(probs, actual, average, "class")
+
+def _roc_auc_multi(preds, targs, sigmoid: bool, average: str):
+    "ROC AUC of several labels per item, averaged over the labels ('macro', 'weighted') or pooled ('micro')."
+    probs = torch.sigmoid(preds) if sigmoid else preds
+    actual = targs.bool()
+    if average == "micro":
+        return _binary_auc(probs.reshape(-1), actual.reshape(-1), "the pooled labels")
+    return _columns_auc(probs, actual, average, "label")
+
+def RocAucBinary(axis: int = -1) -> AccumMetric:
+    "ROC AUC of the positive class of a two-class problem over the whole validation set."
+    return AccumMetric(functools.partial(_roc_auc_binary, axis=axis), name="roc_auc_score")
+
+def RocAuc(axis: int = -1, average: str = "macro") -> AccumMetric:
+    "One-vs-rest ROC AUC, one class per item among several, over the whole validation set."
+    _check_average(average, ("macro", "weighted"))
+    return AccumMetric(functools.partial(_roc_auc_one_vs_rest, axis=axis, average=average), name="roc_auc_score")
+
+def RocAucMulti(sigmoid: bool = True, average: str = "macro") -> AccumMetric:
+    "ROC AUC of several labels per item over the whole validation set."
+    _check_average(average, ("macro", "weighted", "micro"))
+    return AccumMetric(functools.partial(_roc_auc_multi, sigmoid=sigmoid, average=average), name="roc_auc_score")
+
+# %% ../nbs/core/05_metrics.ipynb #ff4f698f
+class Perplexity:
+    "Perplexity over the validation set: `exp` of the mean loss (a language model's cross-entropy), weighted by target tokens."
+    name = "perplexity"
+
+    def reset(self):
+        "Forget the batches seen so far."
+        self.losses = []
+        self.counts = []
+
+    def accumulate(self, learn):
+        "Add the current batch's loss (kept on the device), weighted by its number of target tokens."
+        self.losses.append(learn.loss.detach().float())
+        self.counts.append(learn.yb[0].numel())
+
+    @property
+    def value(self) -> float:
+        "`exp` of the token-weighted mean loss so far (NaN before any batch)."
+        mean_loss = weighted_mean(self.losses, self.counts)
+        return float(torch.tensor(mean_loss, dtype=torch.float64).exp())

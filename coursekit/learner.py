@@ -1148,7 +1148,7 @@ def check_tta_loader(dl):
     if "image" not in inputs:
         raise ValueError(f"tta() averages predictions over the training augmentations of images; these inputs are "
                          f"{inputs}, which have none: use learn.get_preds() (one plain pass gives the same).")
-    moved = [kind for kind in targets if kind in ("mask", "points")]
+    moved = [kind for kind in targets if kind in ("mask", "point")]
     if moved:
         raise ValueError(f"tta() cannot average predictions of {moved[0]}s: the augmentations move the target too, so "
                          "the passes would not line up pixel for pixel; use learn.get_preds().")

@@ -225,6 +225,8 @@ class Recorder(Callback):
     order = 50
     plot = FastaiName("recorder.plot", "learn.lr_find() (it draws the LR finder's plot) or learn.recorder.plot_loss()",
                       "learn.lr_find() to choose a learning rate, learn.recorder.plot_loss() for the losses of a fit")
+    plot_losses = FastaiName("recorder.plot_losses", "recorder.plot_loss", "learn.recorder.plot_loss()")   # fastai v1's names
+    plot_lr = FastaiName("recorder.plot_lr", "recorder.plot_sched", "learn.recorder.plot_sched() (learning rate and momentum)")
 
     def __init__(self, beta: float = 0.98):
         self.beta = beta

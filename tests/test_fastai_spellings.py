@@ -322,6 +322,14 @@ def test_recorder_plot_names_the_lr_finder_plot_and_plot_loss():
         learn.recorder.plot.suggestion   # fastai v1: learn.recorder.plot(suggestion=True) and friends
 
 
+@pytest.mark.parametrize("v1, ours", [("plot_losses", "plot_loss"), ("plot_lr", "plot_sched")])
+def test_recorder_v1_plot_names_name_the_v2_ones(v1, ours):
+    recorder = small_learner().recorder
+    with pytest.raises(TypeError, match=f"recorder.{v1} is fastai's name; coursekit calls it recorder.{ours}"):
+        getattr(recorder, v1)()
+    assert callable(getattr(recorder, ours))
+
+
 def test_the_course_keywords_work(tmp_path):
     learn = small_learner()
     learn.path = tmp_path

@@ -1153,7 +1153,7 @@ def check_tta_loader(dl):
     moved = [kind for kind in targets if kind in ("mask", "point")]
     if moved:
         raise ValueError(f"tta() cannot average predictions of {moved[0]}s: the augmentations move the target too, so "
-                         "the passes would not line up pixel for pixel; use learn.get_preds().")
+                         "the n passes would not line up; use learn.get_preds().")
 
 class TTAMixin:
     "`tta()`: test-time augmentation, fastai's: augmented passes over the items, blended with the plain pass."
@@ -1161,6 +1161,8 @@ class TTAMixin:
         "`(preds, targets)`: the mean (or max) of `n` passes through the training transforms, `lerp`ed with the plain one."
         if dl is None:
             dl = self.dls[ds_idx]
+        if n < 1:
+            raise ValueError(f"tta() needs n >= 1 augmented passes, got n={n} (beta=1 gives the plain pass alone).")
         check_tta_loader(dl)
         augmented = self.dls.train.new(dl.dataset, shuffle=False, drop_last=False, bs=dl.bs, training=True)
         passes = torch.stack([self.get_preds(dl=augmented)[0] for _ in range(n)])

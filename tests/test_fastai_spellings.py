@@ -12,7 +12,7 @@ import torchvision
 
 from coursekit.core import set_seed
 from coursekit.data.external import URLs, untar_data
-from coursekit.learner import load_learner
+from coursekit.learner import load_learner, minimum
 from coursekit.metrics import accuracy
 from coursekit.tabular.collab import CollabDataLoaders, CollabInterpretation, collab_learner, pca
 from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
@@ -281,3 +281,61 @@ def test_collab_as_the_course_spells_it_beats_the_mean_rating():
     movie_bias = learn.model.bias(top_movies, is_item=True)
     movie_pca = pca(learn.model.weight(top_movies, is_item=True), 3)
     assert movie_bias.shape == (100,) and movie_pca.shape == (100, 3)
+
+
+# --- the learner: fit_one_cycle(max_lr=), fine_tune(max_lr=), lr_find(suggestions=), show_results(rows=), ------------
+# --- recorder.plot() ---------------------------------------------------------------------------------------------------
+
+def small_learner():
+    "A linear classifier on two blobs (no data files needed)."
+    from coursekit.data.core import DataLoaders
+    from coursekit.learner import Learner, simple_mlp
+    set_seed(0)
+    x = torch.randn(64, 2)
+    items = list(zip(x, (x.sum(1) > 0).long()))
+    dls = DataLoaders.from_dsets(items[:48], items[48:], bs=16, device="cpu", vocab=["neg", "pos"])
+    return Learner(dls, simple_mlp(2, 2), cbs=[])
+
+
+@pytest.mark.parametrize("call, ours, theirs", [
+    (lambda learn: learn.fit_one_cycle(1, max_lr=slice(1e-6, 1e-4)), "lr_max", "max_lr"),
+    (lambda learn: learn.fit_one_cycle(1, 1e-3, div_factor=10.), "div", "div_factor"),
+    (lambda learn: learn.fit_one_cycle(1, 1e-3, final_div=1e4), "div_final", "final_div"),
+    (lambda learn: learn.fit_one_cycle(1, 1e-3, callbacks=[]), "cbs", "callbacks"),
+    (lambda learn: learn.fine_tune(1, max_lr=1e-3), "base_lr", "max_lr"),
+    (lambda learn: learn.lr_find(suggestions=True), "suggest_funcs", "suggestions"),
+    (lambda learn: learn.show_results(rows=3), "max_n", "rows"),
+], ids=["fit_one_cycle-max_lr", "fit_one_cycle-div_factor", "fit_one_cycle-final_div", "fit_one_cycle-callbacks",
+        "fine_tune-max_lr", "lr_find-suggestions", "show_results-rows"])
+def test_learner_keywords_from_fastai_name_ours(call, ours, theirs):
+    learn = small_learner()
+    with pytest.raises(TypeError, match=f"takes {ours}=, not fastai's {theirs}="):
+        call(learn)
+    assert learn.recorder.values == [] and learn.opt is None   # refused before anything ran
+
+
+def test_recorder_plot_names_the_lr_finder_plot_and_plot_loss():
+    learn = small_learner()
+    with pytest.raises(TypeError, match=r"learn.lr_find\(\) \(it draws the LR finder's plot\) or learn.recorder.plot_loss\(\)"):
+        learn.recorder.plot()
+    with pytest.raises(AttributeError, match="coursekit calls it learn.lr_find()"):
+        learn.recorder.plot.suggestion   # fastai v1: learn.recorder.plot(suggestion=True) and friends
+
+
+@pytest.mark.parametrize("v1, ours", [("plot_losses", "plot_loss"), ("plot_lr", "plot_sched")])
+def test_recorder_v1_plot_names_name_the_v2_ones(v1, ours):
+    recorder = small_learner().recorder
+    with pytest.raises(TypeError, match=f"recorder.{v1} is fastai's name; coursekit calls it recorder.{ours}"):
+        getattr(recorder, v1)()
+    assert callable(getattr(recorder, ours))
+
+
+def test_the_course_keywords_work(tmp_path):
+    learn = small_learner()
+    learn.path = tmp_path
+    with learn.no_bar():
+        learn.fit_one_cycle(1, lr_max=slice(1e-4, 1e-2))
+        learn.fine_tune(1, base_lr=1e-3)
+    assert len(learn.recorder.values) == 1   # fine_tune's last fit: one epoch
+    suggestion = learn.lr_find(num_it=10, show_plot=False, suggest_funcs=(minimum,))
+    assert suggestion.minimum > 0

@@ -618,10 +618,10 @@ class DataLoaders:
             _finish_axis(ax, " / ".join(title for title in titles if title))
 
     def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
-        "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or the two masks side by side."
+        "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or masks/points side by side."
         samples = self.decode_batch(batch, max_n)
         preds = preds[:max_n].detach().cpu() if isinstance(preds, torch.Tensor) else list(preds)[:max_n]
-        pictures = self.target_block.kind == "mask"
+        pictures = self.target_block.kind in ("mask", "point")   # targets drawn on the picture: actual, then predicted
         axs = _grid(len(samples) * (2 if pictures else 1), ncols * (2 if pictures else 1), figsize)
         for i, (sample, pred) in enumerate(zip(samples, preds)):
             inputs, target = sample[:self.n_inp], sample[self.n_inp] if len(sample) > self.n_inp else None

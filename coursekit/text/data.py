@@ -313,9 +313,12 @@ class TextDataLoaders(DataLoaders):
             display_or_print(self.decode_batch(batch, max_n=max_n, max_chars=max_chars))
 
     def decode_results(self, batch, preds, max_n: int = 6, max_chars: int = 300) -> pd.DataFrame:
-        "The `decode_batch` table with a classifier's decoded predictions beside the labels (`label_pred`)."
+        "The `decode_batch` table with the predictions beside the targets (`label_pred`; a language model's `target_pred`)."
         table = self.decode_batch(batch, max_n=max_n, max_chars=max_chars)
-        if not self.is_lm:
+        if self.is_lm:  # the predicted next token at each position, as fastai shows it
+            predicted = [self.text_vocab.decode(p) for p in preds[:len(table)]]
+            table["target_pred"] = [text if len(text) <= max_chars else text[:max_chars] + " ..." for text in predicted]
+        else:
             table["label_pred"] = [self.decode_target(p) for p in preds[:len(table)]]
         return table
 

@@ -8,11 +8,12 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'PRECISION_SETT
            'CancelEpochException', 'CancelFitException', 'Callback', 'trainable_params', 'param_groups',
            'lrs_for_groups', 'check_lrs', 'group_momentum', 'set_opt_hyper', 'decayed_params', 'decay_weights',
            'freeze_groups', 'frozen_bn_layers', 'hold_bn', 'grad_scaler', 'autocast_context', 'Recorder', 'FitProgress',
-           'ProgressCallback', 'ParamScheduler', 'minimum', 'steep', 'valley', 'LRFinder', 'NonFiniteLossError',
-           'describe_lrs', 'has_non_finite', 'norm_buffers', 'check_validation_set', 'single_class_vocab',
-           'TrainingGuard', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds',
-           'decode_preds', 'per_item_losses', 'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'Learner',
-           'load_learner', 'simple_mlp']
+           'ProgressCallback', 'ParamScheduler', 'loss_at', 'minimum', 'log_slopes', 'steep', 'valley', 'LRFinder',
+           'NonFiniteLossError', 'describe_lrs', 'has_non_finite', 'norm_buffers', 'check_validation_set',
+           'single_class_vocab', 'TrainingGuard', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin',
+           'PrecisionMixin', 'activate_preds', 'decode_preds', 'per_item_losses', 'PredictionCollector',
+           'PredictionMixin', 'PersistenceMixin', 'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range',
+           'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -461,15 +462,25 @@ class ParamScheduler(Callback):
             learn.set_hyper(name, schedule(learn.pct_train))
 
 # %% ../nbs/core/06_learner.ipynb #ee730eae
+def loss_at(lrs, losses, lr: float) -> float:
+    "The recorded loss at learning rate `lr`, interpolated in log lr (to mark a suggestion on the curve)."
+    return float(np.interp(np.log(lr), np.log(lrs), losses))
+
 def minimum(lrs, losses):
-    "Suggestion: a tenth of the learning rate with the lowest loss; returns `(lr, point to mark)`."
-    index = int(np.argmin(losses))
-    return lrs[index] / 10, (lrs[index], losses[index])
+    "Suggestion: a tenth of the learning rate with the lowest loss; returns `(lr, point to mark)`, the point at `lr`."
+    lr = lrs[int(np.argmin(losses))] / 10
+    return lr, (lr, loss_at(lrs, losses, lr))
+
+def log_slopes(lrs, losses, span: int) -> np.ndarray:
+    "Change of log(loss) per unit of log lr over `span` steps (of the loss itself when some losses are not positive)."
+    values = np.log(losses) if np.all(losses > 0) else np.asarray(losses)
+    return (values[span:] - values[:-span]) / (np.log(lrs[span:]) - np.log(lrs[:-span]))
 
 def steep(lrs, losses):
-    "Suggestion: the learning rate where the loss falls fastest (per unit of log lr)."
-    slopes = np.diff(losses) / np.diff(np.log(lrs))
-    index = int(np.argmin(slopes))
+    "Suggestion: the learning rate where the loss falls fastest relative to its size, measured over a tenth of the run."
+    span = max(1, len(losses) // 10)
+    start = int(np.argmin(log_slopes(lrs, losses, span)))
+    index = start + span // 2
     return lrs[index], (lrs[index], losses[index])
 
 def valley(lrs, losses):
@@ -552,15 +563,19 @@ class LRFinder(Callback):
         return SuggestedLRs(*[float(result[0]) for result in results]), [result[1] for result in results]
 
     def plot(self, suggest_funcs=(minimum, steep)):
-        "Plot the smoothed loss against the learning rate (log scale), with the suggestions marked."
+        "Plot the smoothed loss against the learning rate (log scale), each suggestion marked and labelled with its value."
         suggested, points = self.suggestions(suggest_funcs)
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.plot(self.lrs, self.losses)
         ax.set_xscale("log")
-        for (name, lr), (point_lr, point_loss) in zip(suggested._asdict().items(), points):
-            ax.plot(point_lr, point_loss, "o", label=f"{name}: {lr:.2e}")
+        for name, (point_lr, point_loss) in zip(suggested._fields, points):
+            ax.plot(point_lr, point_loss, "o", label=f"{name}: {point_lr:.2e}")
+            ax.annotate(f"{point_lr:.1e}", (point_lr, point_loss), textcoords="offset points", xytext=(5, 5), fontsize=8)
+        spans_decades = min(self.losses) > 0 and max(self.losses) > 10 * min(self.losses)
+        if spans_decades:  # regression losses (MSE) often fall by orders of magnitude
+            ax.set_yscale("log")
         ax.set_xlabel("learning rate (log scale)")
-        ax.set_ylabel("smoothed loss")
+        ax.set_ylabel("smoothed loss (log scale)" if spans_decades else "smoothed loss")
         ax.legend()
         return ax
 
@@ -1130,3 +1145,20 @@ def simple_mlp(n_in: int, n_out: int, hidden: list = (32,), bn: bool = False) ->
         layers.append(nn.ReLU())
         size = width
     return nn.Sequential(*layers, nn.Linear(size, n_out))
+
+# %% ../nbs/core/06_learner.ipynb #cc975fe1
+def sigmoid_range(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    "A sigmoid scaled to (low, high)."
+    return torch.sigmoid(x) * (high - low) + low
+
+class SigmoidRange(nn.Module):
+    "Module form of `sigmoid_range`: the last layer of a model whose outputs must stay in (low, high)."
+    def __init__(self, low: float, high: float):
+        super().__init__()
+        self.low, self.high = low, high
+
+    def forward(self, x):
+        return sigmoid_range(x, self.low, self.high)
+
+    def extra_repr(self) -> str:
+        return f"low={self.low}, high={self.high}"

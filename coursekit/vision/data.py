@@ -7,8 +7,8 @@
 __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'imagenet_stats', 'get_image_files', 'tensor_from_pil', 'ImageTooLargeError',
            'check_image_size', 'load_image', 'open_image', 'load_mask', 'can_decode', 'MaskToLong', 'ImageBlock',
            'MaskBlock', 'Resize', 'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms',
-           'Normalize', 'NameLabeller', 'keep_decodable', 'resolve_fnames', 'ImageDataLoaders',
-           'SegmentationDataLoaders']
+           'pixels_to_points', 'points_to_pixels', 'PointScaler', 'PointBlock', 'Normalize', 'NameLabeller',
+           'keep_decodable', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
 
 # %% ../../nbs/lessons/01_pets_data.ipynb #d3120907
 import math
@@ -30,7 +30,7 @@ from ..core import exportable
 from ..data.core import (ColReader, ColSplitter, CategoryBlock, DataBlock, DataLoaders, FuncSplitter,
                                  GrandparentSplitter, IntToFloat, MultiCategoryBlock, RandomSplitter, RegexLabeller,
                                  Transform, TransformBlock, parent_label, show_image)
-from ..losses import CrossEntropyLossFlat
+from ..losses import CrossEntropyLossFlat, MSELossFlat
 
 # %% ../../nbs/lessons/01_pets_data.ipynb #04ab73d7
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff")
@@ -332,14 +332,30 @@ def _resize(x: torch.Tensor, kind: str, hw: tuple) -> torch.Tensor:
         return TF.resize(x[None], list(hw), interpolation=InterpolationMode.NEAREST)[0]
     return x
 
-def _pad(x: torch.Tensor, kind: str, padding: list, mode: str) -> torch.Tensor:
+def _reframe_points(points: torch.Tensor, in_hw: tuple, top: int, left: int, out_hw: tuple) -> torch.Tensor:
+    "Points in [-1, 1] of an `in_hw` picture -> in [-1, 1] of its `out_hw` region with its corner at (top, left)."
+    (in_h, in_w), (out_h, out_w) = in_hw, out_hw
+    in_size = points.new_tensor([in_w, in_h])
+    out_size = points.new_tensor([out_w, out_h])
+    corner = points.new_tensor([left, top])
+    pixels = (points + 1) / 2 * in_size - corner
+    return pixels / out_size * 2 - 1
+
+def _pad(x: torch.Tensor, kind: str, padding: list, mode: str, in_hw: tuple) -> torch.Tensor:
+    "Pad an image or mask of size `in_hw` by `padding` (left, top, right, bottom); points move with the picture."
+    if kind == "point":
+        left, top, right, bottom = padding
+        return _reframe_points(x, in_hw, -top, -left, (in_hw[0] + top + bottom, in_hw[1] + left + right))
     if kind == "image":
         return TF.pad(x, padding, padding_mode=mode)
     if kind == "mask":
         return TF.pad(x[None], padding, padding_mode=mode)[0]
     return x
 
-def _crop(x: torch.Tensor, kind: str, top: int, left: int, hw: tuple) -> torch.Tensor:
+def _crop(x: torch.Tensor, kind: str, top: int, left: int, hw: tuple, in_hw: tuple) -> torch.Tensor:
+    "The `hw` region at (top, left) of an image or mask of size `in_hw`; points are re-expressed in that region."
+    if kind == "point":
+        return _reframe_points(x, in_hw, top, left, hw)
     return x[..., top:top + hw[0], left:left + hw[1]] if kind in ("image", "mask") else x
 
 def _resize_all(sample, kinds, hw) -> tuple:
@@ -376,7 +392,7 @@ class Resize(Transform):
         top, left = (target_h - new_h) // 2, (target_w - new_w) // 2
         padding = [left, top, target_w - new_w - left, target_h - new_h - top]
         mode = "constant" if self.pad_mode == "zeros" else "reflect"
-        return tuple(_pad(x, k, padding, mode) for x, k in zip(sample, kinds))
+        return tuple(_pad(x, k, padding, mode, (new_h, new_w)) for x, k in zip(sample, kinds))
 
     def __call__(self, sample, kinds, training):
         hw = _spatial_size(sample, kinds)
@@ -387,7 +403,7 @@ class Resize(Transform):
             top, left = _randint(h - target_h), _randint(w - target_w)
         else:
             top, left = (h - target_h) // 2, (w - target_w) // 2
-        return tuple(_crop(x, k, top, left, self.size) for x, k in zip(sample, kinds))
+        return tuple(_crop(x, k, top, left, self.size, hw) for x, k in zip(sample, kinds))
 
     def state(self):
         return {"size": list(self.size), "method": self.method, "pad_mode": self.pad_mode}
@@ -432,7 +448,7 @@ class RandomResizedCrop(Transform):
         if hw is None:
             return sample
         top, left, crop_h, crop_w = self._region(hw, training)
-        sample = tuple(_crop(x, k, top, left, (crop_h, crop_w)) for x, k in zip(sample, kinds))
+        sample = tuple(_crop(x, k, top, left, (crop_h, crop_w), hw) for x, k in zip(sample, kinds))
         return _resize_all(sample, kinds, self.size) if (crop_h, crop_w) != self.size else sample
 
     def state(self):
@@ -456,6 +472,12 @@ def sampling_grid(matrices: torch.Tensor, out_hw: tuple) -> torch.Tensor:
     points = torch.einsum("nij,hwj->nhwi", matrices, base)
     return points[..., :2] / points[..., 2:]
 
+def _move_points(points: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    "Points (N, P, 2) of the input -> of the output: through the inverse of each image's output-to-input matrix."
+    homogeneous = torch.cat([points, torch.ones_like(points[..., :1])], dim=-1)
+    moved = homogeneous @ torch.linalg.inv(matrices.to(points.dtype)).transpose(1, 2)
+    return moved[..., :2] / moved[..., 2:]
+
 def _sample(x: torch.Tensor, kind: str, grid: torch.Tensor, pad_mode: str) -> torch.Tensor:
     "Read images (bilinear) or masks (nearest) through `grid`."
     if kind == "image":
@@ -467,7 +489,7 @@ def _sample(x: torch.Tensor, kind: str, grid: torch.Tensor, pad_mode: str) -> to
 
 @exportable
 class AffineAugment(Transform):
-    "Batch transform: random crop, flips, rotation, zoom and warp (one matrix per image, images and masks alike) to `size`."
+    "Batch transform: random crop, flips, rotation, zoom and warp to `size` (one matrix per image; masks and points follow)."
     order = 20
 
     def __init__(self, size=None, min_scale: float = 1.0, do_flip: bool = True, flip_vert: bool = False,
@@ -525,8 +547,10 @@ class AffineAugment(Transform):
         if not training and out_hw == hw:
             return batch
         n, device = next(x for x, k in zip(batch, kinds) if k in ("image", "mask")).shape[0], batch[0].device
-        grid = sampling_grid(self.matrices(n, hw, out_hw, training, device), out_hw)
-        return tuple(_sample(x, k, grid, self.pad_mode) if k in ("image", "mask") else x for x, k in zip(batch, kinds))
+        matrices = self.matrices(n, hw, out_hw, training, device)
+        grid = sampling_grid(matrices, out_hw)
+        return tuple(_sample(x, k, grid, self.pad_mode) if k in ("image", "mask") else
+                     _move_points(x, matrices) if k == "point" else x for x, k in zip(batch, kinds))
 
     def state(self):
         return {"size": None if self.size is None else list(self.size), "min_scale": self.min_scale, "do_flip": self.do_flip,
@@ -570,6 +594,78 @@ def aug_transforms(size=None, min_scale: float = 1.0, do_flip: bool = True, flip
     if max_lighting > 0:
         tfms.append(Lighting(max_lighting, p_lighting))
     return tfms
+
+# %% ../../nbs/lessons/01_pets_data.ipynb #6b1ff5e1
+def pixels_to_points(pixels: torch.Tensor, hw: tuple) -> torch.Tensor:
+    "`(x, y)` pixel coordinates in a picture of size `hw` = (height, width) -> coordinates in [-1, 1] across it."
+    height, width = hw
+    return pixels / pixels.new_tensor([width, height]) * 2 - 1
+
+def points_to_pixels(points: torch.Tensor, hw: tuple) -> torch.Tensor:
+    "Coordinates in [-1, 1] -> `(x, y)` pixel coordinates in a picture of size `hw` = (height, width)."
+    height, width = hw
+    return (torch.as_tensor(points).float() + 1) / 2 * torch.tensor([width, height], dtype=torch.float)
+
+@exportable
+class PointScaler(Transform):
+    "Item transform (first of all): the points of a sample, in pixels of its picture, -> coordinates in [-1, 1]."
+    order = -10
+
+    def prepare(self, sample, kinds):
+        if "point" not in kinds:
+            return sample
+        hw = _spatial_size(sample, kinds)
+        if hw is None:
+            raise ValueError("A PointBlock needs an image in the same sample: its points are pixel positions in that image.")
+        return tuple(pixels_to_points(x, hw) if k == "point" else x for x, k in zip(sample, kinds))
+
+@exportable
+class PointBlock(TransformBlock):
+    "Points `(x, y)` in pixels, an `(n, 2)` array per item: float coordinates in [-1, 1] that follow the picture's transforms."
+    kind = "point"
+    learns_vocab = True  # it learns how many points an item has
+    item_tfms = (PointScaler(),)
+
+    def __init__(self, n_points: int | None = None):
+        self.n_points = n_points
+
+    def setup(self, values):
+        if self.n_points is not None:
+            return self
+        first = next(iter(values))
+        return PointBlock(len(self.encode(first)))
+
+    def encode(self, value):
+        points = torch.as_tensor(np.asarray(value, dtype=np.float32))
+        if points.shape[-1:] != (2,) or points.ndim > 2:
+            raise ValueError(f"A PointBlock target is (x, y) pixel coordinates, an (n, 2) array; "
+                             f"got shape {tuple(points.shape)}.")
+        return points.reshape(-1, 2)
+
+    def decode(self, t):
+        return torch.as_tensor(t).float().reshape(-1, 2)
+
+    def label(self, t):
+        return "; ".join(f"{x:.2f}, {y:.2f}" for x, y in self.decode(t).tolist())
+
+    def show(self, t, ax):
+        "Draw the points on the picture `ax` shows (their coordinates as text when there is none)."
+        if not ax.images:
+            return self.label(t)
+        height, width = ax.images[0].get_array().shape[:2]
+        pixels = points_to_pixels(self.decode(t), (height, width)) - 0.5   # matplotlib puts pixel centres on integers
+        ax.scatter(pixels[:, 0], pixels[:, 1], s=30, c="magenta", marker="x")
+        return ""
+
+    @property
+    def c(self):
+        return None if self.n_points is None else 2 * self.n_points
+
+    def loss_func(self):
+        return MSELossFlat()
+
+    def state(self):
+        return {"n_points": self.n_points}
 
 # %% ../../nbs/lessons/01_pets_data.ipynb #0863e952
 imagenet_stats = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])

@@ -22,7 +22,7 @@ from torch import nn
 from ..core import exportable, exportable_spec
 from ..data.core import sort_transforms
 from ..data.external import seed_weights_cache
-from ..learner import Learner
+from ..learner import Learner, SigmoidRange
 from .data import Normalize, imagenet_stats
 
 # %% ../../nbs/lessons/01_pets_lib.ipynb #3abe4b13
@@ -129,9 +129,17 @@ class AdaptiveConcatPool2d(nn.Module):
         return torch.cat([self.max_pool(x), self.avg_pool(x)], dim=1)
 
 # %% ../../nbs/lessons/01_pets_lib.ipynb #b2b79f07
+def _check_y_range(y_range) -> list | None:
+    "`y_range` as a JSON-able [low, high], after checking it is two numbers with low < high."
+    if y_range is None:
+        return None
+    if isinstance(y_range, (str, bytes)) or len(y_range) != 2 or not float(y_range[0]) < float(y_range[1]):
+        raise ValueError(f"y_range must be (low, high) with low < high, e.g. (-1, 1) for a PointBlock; got {y_range!r}.")
+    return [float(y_range[0]), float(y_range[1])]
+
 def create_head(n_features: int, n_out: int, lin_ftrs: list | None = None, ps: float = 0.5,
-                concat_pool: bool = True) -> nn.Sequential:
-    "Pool, flatten, then [BatchNorm, Dropout, Linear, ReLU] blocks ending in `n_out` scores."
+                concat_pool: bool = True, y_range: tuple | None = None) -> nn.Sequential:
+    "Pool, flatten, then [BatchNorm, Dropout, Linear, ReLU] blocks ending in `n_out` scores (squashed into `y_range`)."
     pool = AdaptiveConcatPool2d() if concat_pool else nn.AdaptiveAvgPool2d(1)
     sizes = [n_features * (2 if concat_pool else 1), *(lin_ftrs or [512]), n_out]
     drops = [ps / 2] * (len(sizes) - 2) + [ps]
@@ -140,15 +148,18 @@ def create_head(n_features: int, n_out: int, lin_ftrs: list | None = None, ps: f
         layers += [nn.BatchNorm1d(n_in), nn.Dropout(p), nn.Linear(n_in, n_next)]
         if i < len(sizes) - 2:
             layers.append(nn.ReLU(inplace=True))
+    y_range = _check_y_range(y_range)
+    if y_range is not None:
+        layers.append(SigmoidRange(*y_range))
     return nn.Sequential(*layers)
 
 # %% ../../nbs/lessons/01_pets_lib.ipynb #a0f7f174
 @exportable
 def cnn_model(arch: str, n_out: int, pretrained: bool = False, concat_pool: bool = True, ps: float = 0.5,
-              lin_ftrs: list | None = None) -> nn.Sequential:
-    "`nn.Sequential(body, head)` for `arch`, with `n_out` outputs."
+              lin_ftrs: list | None = None, y_range: list | None = None) -> nn.Sequential:
+    "`nn.Sequential(body, head)` for `arch`, with `n_out` outputs (kept inside `y_range` when given)."
     body = create_body(arch, pretrained)
-    return nn.Sequential(body, create_head(stage_channels(body)[-1], n_out, lin_ftrs, ps, concat_pool))
+    return nn.Sequential(body, create_head(stage_channels(body)[-1], n_out, lin_ftrs, ps, concat_pool, y_range))
 
 def cnn_splitter(model: nn.Sequential) -> list:
     "Three parameter groups: the body's first three stages, its last two, and the head."
@@ -188,19 +199,22 @@ def check_normalization(dls, arch: str):
 # %% ../../nbs/lessons/01_pets_lib.ipynb #03c1b21b
 def cnn_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = True, n_out: int | None = None,
                 loss_func=None, lr: float = 1e-3, wd: float | None = None, concat_pool: bool = True, ps: float = 0.5,
-                lin_ftrs: list | None = None, train_bn: bool | None = None, cbs=None, path=None) -> Learner:
-    "A `Learner` for image classification: a pretrained `arch` body with a new head, body frozen; saves under `path`."
+                lin_ftrs: list | None = None, train_bn: bool | None = None, cbs=None, path=None,
+                y_range: tuple | None = None) -> Learner:
+    "A `Learner` for images: a pretrained `arch` body with a new head (outputs in `y_range` when given), body frozen."
     n_out = n_out if n_out is not None else dls.c
     if not n_out:
         raise ValueError("Cannot tell how many outputs the model needs: dls.c is not set, pass n_out=...")
     if pretrained:
         check_normalization(dls, arch)
-    model = cnn_model(arch, n_out, pretrained=pretrained, concat_pool=concat_pool, ps=ps, lin_ftrs=lin_ftrs)
+    y_range = _check_y_range(y_range)
+    model = cnn_model(arch, n_out, pretrained=pretrained, concat_pool=concat_pool, ps=ps, lin_ftrs=lin_ftrs,
+                      y_range=y_range)
     train_bn = get_backbone(arch).train_bn if train_bn is None else train_bn
     learn = Learner(dls, model, loss_func=loss_func, lr=lr, metrics=metrics, cbs=cbs, wd=wd, splitter=cnn_splitter,
                     path=path, train_bn=train_bn)
     learn.model_spec = exportable_spec(cnn_model, arch=arch, n_out=n_out, concat_pool=concat_pool, ps=ps,
-                                       lin_ftrs=lin_ftrs)
+                                       lin_ftrs=lin_ftrs, y_range=y_range)
     if pretrained:
         learn.freeze()
     return learn

@@ -807,6 +807,8 @@ class DataBlock:
                  get_x: Callable | Sequence[Callable] | None = None, get_y: Callable | None = None,
                  item_tfms: Sequence[Transform] | None = None, batch_tfms: Sequence[Transform] | None = None,
                  n_inp: int | None = None):
+        self.recipe = dict(blocks=tuple(blocks), get_items=get_items, splitter=splitter, get_x=get_x, get_y=get_y,
+                           item_tfms=item_tfms, batch_tfms=batch_tfms, n_inp=n_inp)  # what `new` starts from
         self.blocks = [b() if isinstance(b, type) else b for b in blocks]
         self.n_inp = len(self.blocks) - 1 if n_inp is None else n_inp
         if self.n_inp < 1 or len(self.blocks) - self.n_inp != 1:
@@ -821,6 +823,14 @@ class DataBlock:
         block_batch = [tfm for b in self.blocks for tfm in b.batch_tfms]
         self.item_tfms = sort_transforms(block_items + sort_transforms(item_tfms))
         self.batch_tfms = sort_transforms(block_batch + sort_transforms(batch_tfms))
+
+    def new(self, **changes) -> "DataBlock":
+        "A copy of this recipe with some pieces replaced, e.g. `dblock.new(item_tfms=..., batch_tfms=...)`; this one is unchanged."
+        unknown = sorted(set(changes) - set(self.recipe))
+        if unknown:
+            raise TypeError(f"DataBlock.new() got unknown keyword(s) {', '.join(unknown)}; "
+                            f"it replaces one of: {', '.join(self.recipe)}.")
+        return DataBlock(**{**self.recipe, **changes})
 
     def items(self, source):
         "The items listed from `source` (`get_items(source)`, or `source` itself)."

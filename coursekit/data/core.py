@@ -23,6 +23,7 @@ import torch
 import torch.utils.data as tud
 
 from ..core import default_device, exportable, exportable_spec, build_exportable
+from ..from_fastai import FastaiName, renamed_keywords
 from ..losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 
 # %% ../../nbs/core/03_data_core.ipynb #bf4afaff
@@ -506,6 +507,11 @@ class DataLoaders:
             blocks = [TransformBlock()] * n
         self.blocks = list(blocks)
 
+    normalize = FastaiName("data.normalize (fastai v1)", "a Normalize batch transform",
+                           "ImageDataLoaders.from_name_re(path, fnames, pat, item_tfms=Resize(460), batch_tfms=["
+                           "*aug_transforms(size=224), Normalize.from_stats(*imagenet_stats)]); cnn_learner adds its "
+                           "backbone's own when the loaders have none")
+
     def __getitem__(self, i: int) -> DataLoader: return (self.train, self.valid)[i]
     def __len__(self): return 2
     def __iter__(self): return iter((self.train, self.valid))
@@ -607,6 +613,7 @@ class DataLoaders:
         batch = [x[:max_n].detach().cpu() if isinstance(x, torch.Tensor) else x[:max_n] for x in batch]
         return list(zip(*batch))
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch: tuple | None = None, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
         "Draw up to `max_n` samples of a batch (default: one training batch) in one figure, labels as titles."
         samples = self.decode_batch(self.one_batch() if batch is None else batch, max_n)
@@ -615,6 +622,7 @@ class DataLoaders:
             titles = [b.show(x, ax) for b, x in zip(self.blocks, sample)]
             _finish_axis(ax, " / ".join(title for title in titles if title))
 
+    @renamed_keywords(rows="max_n")
     def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
         "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or the two masks side by side."
         samples = self.decode_batch(batch, max_n)

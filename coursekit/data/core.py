@@ -833,7 +833,7 @@ class DataBlock:
         self.batch_tfms = sort_transforms(block_batch + sort_transforms(batch_tfms))
 
     def new(self, **changes) -> "DataBlock":
-        "A copy of this recipe with some pieces replaced, e.g. `dblock.new(item_tfms=..., batch_tfms=...)`; this one is unchanged."
+        "A copy of this recipe with some pieces replaced (`dblock.new(item_tfms=..., batch_tfms=...)`); this one is unchanged."
         unknown = sorted(set(changes) - set(self.recipe))
         if unknown:
             raise TypeError(f"DataBlock.new() got unknown keyword(s) {', '.join(unknown)}; "

@@ -481,7 +481,7 @@ class BlockDataset(tud.Dataset):
         try:
             return tuple(b.encode(v) for b, v in zip(self.blocks, self.values(item)))
         except Exception as err:
-            err.add_note(f"While loading item {i}: {item!r}")
+            err.add_note(f"While loading item {i}: {_short(item, width=300)}")
             raise
 
     def new(self, items, with_labels: bool = True) -> "BlockDataset":

@@ -66,7 +66,8 @@ def _to_chw(x) -> torch.Tensor:
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3:
-        raise ValueError(f"An image tensor needs 2 or 3 dimensions (C, H, W), got shape {tuple(x.shape)}.")
+        raise ValueError(f"An image tensor needs 2 or 3 dimensions (C, H, W), got shape {tuple(x.shape)}: one image at "
+                         "a time (several: learn.get_preds(dl=learn.dls.test_dl(images))).")
     return x
 
 def _to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -185,6 +186,9 @@ def _torchvision_decodes(im: Image.Image) -> bool:
 
 def _decode_file(path, max_pixels) -> torch.Tensor:
     "Decode the image file at `path` upright: torchvision for opaque JPEG/PNG, PIL for every other mode and format."
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"There is no image file at {path}: check the path (an image is read from a path to a "
+                                "file, a PIL image, an array or a tensor).")
     im = _open_checked(path, max_pixels)
     try:
         if im is not None and not _torchvision_decodes(im):

@@ -452,6 +452,20 @@ class DataLoader:
                 f"item_tfms={self.item_tfms}, batch_tfms={self.batch_tfms})")
 
 # %% ../../nbs/core/03_data_core.ipynb #17c7cb2b
+def _short(x, width: int = 70) -> str:
+    "A one-line description: shape, dtype and range for tensors, a shortened repr otherwise."
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 1:
+            return f"tensor({x.item()})"
+        if x.numel() == 0:
+            return "empty tensor"
+        lo, hi = x.min().item(), x.max().item()
+        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} in [{lo:.4g}, {hi:.4g}]"
+    if isinstance(x, pd.DataFrame):
+        return f"DataFrame{x.shape}"
+    text = repr(x)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
 class BlockDataset(tud.Dataset):
     "Items turned into samples: `blocks[i].encode(getters[i](item))`; the first `n_inp` are inputs."
     def __init__(self, items, blocks: Sequence, getters: Sequence[Callable] | None = None, n_inp: int | None = None):
@@ -906,17 +920,3 @@ def _identity(x): return x
 
 def _name(f) -> str:
     return "the item itself" if f is _identity else getattr(f, "__name__", type(f).__name__)
-
-def _short(x, width: int = 70) -> str:
-    "A one-line description: shape, dtype and range for tensors, a shortened repr otherwise."
-    if isinstance(x, torch.Tensor):
-        if x.numel() == 1:
-            return f"tensor({x.item()})"
-        if x.numel() == 0:
-            return "empty tensor"
-        lo, hi = x.min().item(), x.max().item()
-        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} in [{lo:.4g}, {hi:.4g}]"
-    if isinstance(x, pd.DataFrame):
-        return f"DataFrame{x.shape}"
-    text = repr(x)
-    return text if len(text) <= width else text[:width - 3] + "..."

@@ -8,12 +8,12 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'PRECISION_SETT
            'CancelEpochException', 'CancelFitException', 'Callback', 'trainable_params', 'param_groups',
            'lrs_for_groups', 'check_lrs', 'group_momentum', 'set_opt_hyper', 'decayed_params', 'decay_weights',
            'freeze_groups', 'frozen_bn_layers', 'hold_bn', 'grad_scaler', 'autocast_context', 'Recorder', 'FitProgress',
-           'ProgressCallback', 'ParamScheduler', 'loss_at', 'minimum', 'log_slopes', 'steep', 'valley', 'LRFinder',
-           'NonFiniteLossError', 'describe_lrs', 'has_non_finite', 'norm_buffers', 'check_validation_set',
-           'single_class_vocab', 'TrainingGuard', 'run_validation', 'CallbacksMixin', 'ParamGroupsMixin',
-           'PrecisionMixin', 'activate_preds', 'decode_preds', 'per_item_losses', 'PredictionCollector',
-           'PredictionMixin', 'PersistenceMixin', 'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range',
-           'SigmoidRange']
+           'ProgressCallback', 'rounded_floats', 'ParamScheduler', 'loss_at', 'minimum', 'log_slopes', 'steep',
+           'valley', 'LRFinder', 'NonFiniteLossError', 'describe_lrs', 'has_non_finite', 'norm_buffers',
+           'check_validation_set', 'single_class_vocab', 'TrainingGuard', 'run_validation', 'CallbacksMixin',
+           'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds', 'decode_preds', 'per_item_losses',
+           'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks',
+           'ResumeMixin', 'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -37,6 +37,7 @@ from .metrics import AvgMetric, items_in_batch, weighted_mean
 from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_state, read_checkpoint, read_export,
                                save_checkpoint, write_export)
 from .schedule import one_cycle_schedules, sched_exp
+from .persist import read_training_checkpoint, restore_rng_states, rng_states, save_training_checkpoint
 
 # %% ../nbs/core/06_learner.ipynb #311f6356
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
@@ -320,6 +321,28 @@ class Recorder(Callback):
             ax.set_title(title)
             ax.set_xlabel("batch")
 
+    def state_dict(self) -> dict:
+        "The history so far, as plain numbers: what a checkpoint needs to resume a fit (see `load_state_dict`)."
+        return {"metric_names": list(self.metric_names),
+                "values": [[float(value) for value in row] for row in self.values],
+                "losses": [float(loss) for loss in self.losses],
+                "lrs": [float(lr) for lr in self.lrs],
+                "moms": [float(mom) for mom in self.moms],
+                "iters": [int(n) for n in self.iters],
+                "smooth": float(self._smooth),
+                "n_smoothed": int(self._n_smoothed)}
+
+    def load_state_dict(self, state: dict):
+        "Go on from the history `state_dict` returned, as if the fit had never stopped."
+        self.metric_names = list(state["metric_names"])
+        self.values = [list(row) for row in state["values"]]
+        self.losses = list(state["losses"])
+        self.lrs = list(state["lrs"])
+        self.moms = list(state["moms"])
+        self.iters = list(state["iters"])
+        self._smooth = state["smooth"]
+        self._n_smoothed = state["n_smoothed"]
+
 # %% ../nbs/core/06_learner.ipynb #99922e66
 def _format_time(seconds: float) -> str:
     "Minutes and seconds, `mm:ss`."
@@ -448,6 +471,10 @@ class ProgressCallback(Callback):
             self.bar.set_description(description, refresh=False)
 
 # %% ../nbs/core/06_learner.ipynb #87eaca72
+def rounded_floats(values, digits: int = 10) -> list:
+    "`values` (a number or an array) as a list of floats rounded to `digits` significant digits, to compare settings."
+    return [float(f"{value:.{digits}g}") for value in np.atleast_1d(np.asarray(values, dtype=float))]
+
 class ParamScheduler(Callback):
     "Before each training batch, sets hyper-parameters (`'lr'`, `'mom'`, `'wd'`) from functions of `learn.pct_train`."
     order = 10
@@ -460,6 +487,11 @@ class ParamScheduler(Callback):
             return
         for name, schedule in self.scheds.items():
             learn.set_hyper(name, schedule(learn.pct_train))
+
+    def samples(self, n_points: int = 11) -> dict:
+        "Each schedule's values at `n_points` evenly spaced points of progress, 0 to 1: enough to tell two apart."
+        positions = np.linspace(0, 1, n_points)
+        return {name: [rounded_floats(schedule(pos)) for pos in positions] for name, schedule in self.scheds.items()}
 
 # %% ../nbs/core/06_learner.ipynb #ee730eae
 def loss_at(lrs, losses, lr: float) -> float:
@@ -945,8 +977,85 @@ class PersistenceMixin:
         "Write weights, model spec, data spec and loss to a zip at `path/fname`, atomically, if `load_learner` gives it back."
         return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
 
+# %% ../nbs/core/06_learner.ipynb #24390e47
+def _brief(value, most: int = 100) -> str:
+    "`repr(value)`, cut to `most` characters."
+    text = repr(value)
+    return text if len(text) <= most else text[:most - 3] + "..."
+
+def settings_differences(saved: dict, current: dict) -> list:
+    "The settings that differ between a checkpoint's fit (`saved`) and this one, in words."
+    differences = []
+    for name in dict.fromkeys([*saved, *current]):
+        before = saved.get(name)
+        now = current.get(name)
+        if before != now:
+            differences.append(f"{name} {_brief(before)} in the checkpoint, {_brief(now)} now")
+    return differences
+
+def stateful_callbacks(cbs) -> dict:
+    "The callbacks with a `state_dict` (state a resumed fit needs), by class name: `Name`, `Name_2`, ..."
+    named = {}
+    for cb in cbs:
+        if not hasattr(cb, "state_dict"):
+            continue
+        name = type(cb).__name__
+        count = sum(type(other).__name__ == name for other in named.values())
+        key = name if count == 0 else f"{name}_{count + 1}"
+        named[key] = cb
+    return named
+
+class ResumeMixin:
+    "Checkpoints a fit can resume from: `describe_fit`, `save_training_state`, `restore_training_state`."
+    def describe_fit(self) -> dict:
+        "What a resumed fit must share with the interrupted one: epochs, data, optimizer, rates, freezing, schedules..."
+        groups = self.opt.param_groups
+        schedulers = [cb for cb in self.cbs if isinstance(cb, ParamScheduler)]
+        return {"n_epoch": self.n_epoch,
+                "train_batches": len(self.dls.train),
+                "train_items": len(self.dls.train.dataset),
+                "optimizer": type(self.opt).__name__,
+                "precision": self.precision,
+                "accum": self.accum,
+                "clip": self.clip,
+                "lr": rounded_floats([group["lr"] for group in groups]),
+                "wd": rounded_floats([group["wd"] for group in groups]),
+                "trainable": [sum(param.requires_grad for param in group["params"]) for group in groups],
+                "metrics": list(self.recorder.metric_names),
+                "schedules": [scheduler.samples() for scheduler in schedulers]}
+
+    def save_training_state(self, file, with_opt: bool = True) -> Path:
+        "At the end of an epoch, write a checkpoint that `fit(..., resume=file)` continues from; returns the file."
+        callbacks = {name: cb.state_dict() for name, cb in stateful_callbacks(self.cbs).items()}
+        training = {"epoch": self.epoch + 1,
+                    "fit": self.fit_settings,
+                    "scaler": self.scaler.state_dict(),
+                    "callbacks": callbacks,
+                    "rng": rng_states()}
+        return save_training_checkpoint(file, self.model, self.opt if with_opt else None, training)
+
+    def restore_training_state(self, file) -> int:
+        "Load the fit a checkpoint holds, once it is known to match this one; returns the epoch to start at."
+        state = read_training_checkpoint(file, self.device)
+        training = state["training"]
+        differences = settings_differences(training["fit"], self.fit_settings)
+        if differences:
+            raise ValueError(f"Cannot resume from {file}: it was written by a different fit ({'; '.join(differences)}). "
+                             "Resume with the same call, learner and data as the interrupted fit, or start a new fit "
+                             "without resume.")
+        check_weights_fit(self.model, state["model"], file)  # before anything changes
+        load_optimizer_state(self.opt, state["opt"], file)
+        self.model.load_state_dict(state["model"])
+        self.scaler.load_state_dict(training["scaler"])
+        saved_callbacks = training["callbacks"]
+        for name, cb in stateful_callbacks(self.cbs).items():
+            if name in saved_callbacks:
+                cb.load_state_dict(saved_callbacks[name])
+        restore_rng_states(training["rng"])
+        return training["epoch"]
+
 # %% ../nbs/core/06_learner.ipynb #1ce09702
-class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin):
+class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin, ResumeMixin):
     "Trains `model` on `dls` with `loss_func`: the training loop and its callbacks, and the recipes built on it."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
                  metrics=None, cbs=None, wd: float | None = None, splitter=trainable_params, path=None,
@@ -1003,8 +1112,8 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         "Where the model and the batches live (`dls.device`)."
         return torch.device(self.dls.device)
 
-    def fit(self, n_epoch: int, lr=None, wd: float | None = None, cbs=None):
-        "Train for `n_epoch` epochs at learning rate `lr` (default `self.lr`); `cbs` are added for this fit only."
+    def fit(self, n_epoch: int, lr=None, wd: float | None = None, cbs=None, resume=None):
+        "Train for `n_epoch` epochs at `lr` (default `self.lr`); `cbs` only for this fit; `resume`: its checkpoint to go on from."
         n_train = len(self.dls.train)
         if n_train == 0:
             raise ValueError("The training DataLoader is empty: check the data, or lower bs (short last batches are dropped).")
@@ -1013,11 +1122,14 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
         self.set_hyper("lr", self.group_lrs(self.lr if lr is None else lr))
         self.set_hyper("wd", (self.wd if wd is None else wd) or 0.)
         self.n_epoch = n_epoch
+        self.finished = False
         extra = [self.add_cb(cb) for cb in (cbs or [])]
         try:
             for cb in self.cbs:
                 cb.before_fit(self)
-            for self.epoch in range(n_epoch):
+            self.fit_settings = self.describe_fit()
+            start_epoch = 0 if resume is None else self.restore_training_state(resume)
+            for self.epoch in range(start_epoch, n_epoch):
                 try:
                     for cb in self.cbs:
                         cb.before_epoch(self)
@@ -1038,8 +1150,9 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
                     pass
                 for cb in self.cbs:
                     cb.after_epoch(self)
+            self.finished = True
         except CancelFitException:
-            pass
+            self.finished = True
         finally:  # also after an error or Ctrl-C: tidy up, keep the weights reached, let the exception go on
             self.opt.zero_grad(set_to_none=True)
             self.model.eval()
@@ -1089,13 +1202,13 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
             cb.after_batch(self)
 
     def fit_one_cycle(self, n_epoch: int, lr_max=None, div: float = 25., div_final: float = 1e5, pct_start: float = 0.25,
-                      moms=None, wd: float | None = None, cbs=None):
+                      moms=None, wd: float | None = None, cbs=None, resume=None):
         "Train with the one-cycle policy: lr warms up to `lr_max` then anneals; momentum does the opposite."
         lr_max = self.group_lrs(self.lr if lr_max is None else lr_max)
         lr_schedule, mom_schedule = one_cycle_schedules(lr_max, pct_start=pct_start, div=div, div_final=div_final,
                                                         moms=moms or self.moms)
         scheduler = ParamScheduler({"lr": lr_schedule, "mom": mom_schedule})
-        self.fit(n_epoch, wd=wd, cbs=[scheduler, *(cbs or [])])
+        self.fit(n_epoch, wd=wd, cbs=[scheduler, *(cbs or [])], resume=resume)
 
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
                   pct_start: float = 0.3, div: float = 5.0, wd: float | None = None, cbs=None):

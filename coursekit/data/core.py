@@ -370,8 +370,10 @@ class DataLoader:
         loaded = iter(())
         if any(needed) or extra:
             prepared = _Prepared(self.dataset, self.item_tfms, self.kinds)
+            # a generator of its own for the workers' seeds (they run only the deterministic `prepare`): a cold cache
+            # then draws nothing from torch's global generator, so a resumed fit draws exactly what the interrupted one did
             loaded = iter(tud.DataLoader(prepared, batch_sampler=[n for n in needed if n] + ([extra] if extra else []),
-                                         num_workers=self.num_workers, collate_fn=list))
+                                         num_workers=self.num_workers, collate_fn=list, generator=torch.Generator()))
         for batch, need in zip(index_batches, needed):
             fresh = dict(zip(need, next(loaded))) if need else {}
             if fresh and self._cached is not None:

@@ -20,7 +20,8 @@ from coursekit.tabular.learner import tabular_learner
 from coursekit.text.data import TextDataLoaders
 from coursekit.text.learner import text_classifier_learner
 from coursekit.text.models import AWD_CONFIGS, get_language_model
-from coursekit.vision.data import Normalize
+from coursekit.vision.data import ImageBlock, ImageDataLoaders, Normalize, Resize, get_image_files
+from coursekit.vision.learner import cnn_learner
 
 ADULT_CATS = ["workclass", "education", "marital-status", "occupation", "relationship", "race"]
 ADULT_CONTS = ["age", "fnlwgt", "education-num"]
@@ -339,3 +340,71 @@ def test_the_course_keywords_work(tmp_path):
     assert len(learn.recorder.values) == 1   # fine_tune's last fit: one epoch
     suggestion = learn.lr_find(num_it=10, show_plot=False, suggest_funcs=(minimum,))
     assert suggestion.minimum > 0
+
+
+# --- vision spellings: show_batch(rows=), data.normalize, v1 factory keywords and path regexes, torchvision archs ----
+
+def mnist_loaders(**kwargs):
+    "The MNIST sample's 3s and 7s from the mirror, by folder, at 16 px."
+    return ImageDataLoaders.from_folder(untar_data(URLs.MNIST_SAMPLE), item_tfms=Resize(16), bs=8, device="cpu", **kwargs)
+
+
+def pet_names() -> tuple:
+    "The pets images folder and twenty file names relative to it (two breeds)."
+    folder = untar_data(URLs.PETS) / "images"
+    return folder, [f.name for f in get_image_files(folder)[:20]]
+
+
+def test_image_show_batch_and_show_results_rows_name_max_n():
+    dls = mnist_loaders()
+    with pytest.raises(TypeError, match="takes max_n=, not fastai's rows="):
+        dls.show_batch(rows=3)
+    xb, yb = dls.valid.one_batch()
+    with pytest.raises(TypeError, match="takes max_n=, not fastai's rows="):
+        dls.show_results((xb, yb), yb, rows=3)
+
+
+def test_v1_data_normalize_names_a_normalize_batch_transform():
+    names = star_import()
+    with pytest.raises(TypeError, match=r"batch_tfms=\[\*aug_transforms\(size=224\), Normalize.from_stats\(\*imagenet_stats\)\]"):
+        mnist_loaders().normalize(names["imagenet_stats"])
+
+
+def test_v1_factory_keywords_name_item_and_batch_transforms():
+    folder, names = pet_names()
+    pat = r"^(.+)_\d+\.jpg$"
+    with pytest.raises(TypeError, match="from_name_re\\(\\) takes batch_tfms=, not fastai's ds_tfms="):
+        ImageDataLoaders.from_name_re(folder, names, pat, ds_tfms=star_import()["aug_transforms"](), size=224)
+    with pytest.raises(TypeError, match="takes item_tfms=, not fastai's size="):
+        ImageDataLoaders.from_name_re(folder, names, pat, size=224)
+    with pytest.raises(TypeError, match="takes item_tfms=, not fastai's size="):
+        ImageDataLoaders.from_folder(untar_data(URLs.MNIST_SAMPLE), size=28)
+
+
+def test_a_v1_path_regex_in_from_name_re_names_from_path_re():
+    folder, names = pet_names()
+    v1_pattern = r"/([^/]+)_\d+.jpg$"
+    with pytest.raises(ValueError, match="matches no file name .* Use ImageDataLoaders.from_path_re"):
+        ImageDataLoaders.from_name_re(folder, names, v1_pattern)
+    by_path = ImageDataLoaders.from_path_re(folder, names, v1_pattern, item_tfms=Resize(16), device="cpu")
+    assert by_path.vocab == sorted({name.rsplit("_", 1)[0] for name in names})
+
+
+def test_cnn_learner_takes_torchvision_functions_as_the_string_names(tmp_path):
+    resnet34 = star_import()["resnet34"]
+    dls = mnist_loaders()
+    by_function = cnn_learner(dls, resnet34, pretrained=False, path=tmp_path)
+    by_name = cnn_learner(dls, "resnet34", pretrained=False, path=tmp_path)
+    assert by_function.model_spec == by_name.model_spec                  # the spec records the name: JSON, exportable
+    loaded = load_learner(by_function.export("by_function.ck"), device="cpu")
+    assert loaded.predict(dls.valid.items[0])[0] in ("3", "7")
+
+
+def test_image_block_cls_pil_image_bw_names_channels():
+    names = star_import()
+    with pytest.raises(TypeError, match="takes channels=, not fastai's cls="):
+        names["ImageBlock"](cls=names["PILImageBW"])
+    with pytest.raises(TypeError, match=r"coursekit calls it ImageBlock\(channels=1\)"):
+        names["PILImageBW"]()
+    assert ImageBlock(channels=1).channels == 1
+

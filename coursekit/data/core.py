@@ -23,6 +23,7 @@ import torch
 import torch.utils.data as tud
 
 from ..core import default_device, exportable, exportable_spec, build_exportable
+from ..from_fastai import FastaiName, renamed_keywords
 from ..losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 
 # %% ../../nbs/core/03_data_core.ipynb #bf4afaff
@@ -453,6 +454,20 @@ class DataLoader:
                 f"item_tfms={self.item_tfms}, batch_tfms={self.batch_tfms})")
 
 # %% ../../nbs/core/03_data_core.ipynb #17c7cb2b
+def _short(x, width: int = 70) -> str:
+    "A one-line description: shape, dtype and range for tensors, a shortened repr otherwise."
+    if isinstance(x, torch.Tensor):
+        if x.numel() == 1:
+            return f"tensor({x.item()})"
+        if x.numel() == 0:
+            return "empty tensor"
+        lo, hi = x.min().item(), x.max().item()
+        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} in [{lo:.4g}, {hi:.4g}]"
+    if isinstance(x, pd.DataFrame):
+        return f"DataFrame{x.shape}"
+    text = repr(x)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
 class BlockDataset(tud.Dataset):
     "Items turned into samples: `blocks[i].encode(getters[i](item))`; the first `n_inp` are inputs."
     def __init__(self, items, blocks: Sequence, getters: Sequence[Callable] | None = None, n_inp: int | None = None):
@@ -482,7 +497,7 @@ class BlockDataset(tud.Dataset):
         try:
             return tuple(b.encode(v) for b, v in zip(self.blocks, self.values(item)))
         except Exception as err:
-            err.add_note(f"While loading item {i}: {item!r}")
+            err.add_note(f"While loading item {i}: {_short(item, width=300)}")
             raise
 
     def new(self, items, with_labels: bool = True) -> "BlockDataset":
@@ -507,6 +522,11 @@ class DataLoaders:
             n = len(train.kinds) if len(train.dataset) else train.n_inp + 1
             blocks = [TransformBlock()] * n
         self.blocks = list(blocks)
+
+    normalize = FastaiName("data.normalize (fastai v1)", "a Normalize batch transform",
+                           "ImageDataLoaders.from_name_re(path, fnames, pat, item_tfms=Resize(460), batch_tfms=["
+                           "*aug_transforms(size=224), Normalize.from_stats(*imagenet_stats)]); cnn_learner adds its "
+                           "backbone's own when the loaders have none")
 
     def __getitem__(self, i: int) -> DataLoader: return (self.train, self.valid)[i]
     def __len__(self): return 2
@@ -609,6 +629,7 @@ class DataLoaders:
         batch = [x[:max_n].detach().cpu() if isinstance(x, torch.Tensor) else x[:max_n] for x in batch]
         return list(zip(*batch))
 
+    @renamed_keywords(rows="max_n")
     def show_batch(self, batch: tuple | None = None, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
         "Draw up to `max_n` samples of a batch (default: one training batch) in one figure, labels as titles."
         samples = self.decode_batch(self.one_batch() if batch is None else batch, max_n)
@@ -617,6 +638,7 @@ class DataLoaders:
             titles = [b.show(x, ax) for b, x in zip(self.blocks, sample)]
             _finish_axis(ax, " / ".join(title for title in titles if title))
 
+    @renamed_keywords(rows="max_n")
     def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
         "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or masks/points side by side."
         samples = self.decode_batch(batch, max_n)
@@ -809,6 +831,8 @@ class DataBlock:
                  get_x: Callable | Sequence[Callable] | None = None, get_y: Callable | None = None,
                  item_tfms: Sequence[Transform] | None = None, batch_tfms: Sequence[Transform] | None = None,
                  n_inp: int | None = None):
+        self.recipe = dict(blocks=tuple(blocks), get_items=get_items, splitter=splitter, get_x=get_x, get_y=get_y,
+                           item_tfms=item_tfms, batch_tfms=batch_tfms, n_inp=n_inp)  # what `new` starts from
         self.blocks = [b() if isinstance(b, type) else b for b in blocks]
         self.n_inp = len(self.blocks) - 1 if n_inp is None else n_inp
         if self.n_inp < 1 or len(self.blocks) - self.n_inp != 1:
@@ -823,6 +847,14 @@ class DataBlock:
         block_batch = [tfm for b in self.blocks for tfm in b.batch_tfms]
         self.item_tfms = sort_transforms(block_items + sort_transforms(item_tfms))
         self.batch_tfms = sort_transforms(block_batch + sort_transforms(batch_tfms))
+
+    def new(self, **changes) -> "DataBlock":
+        "A copy of this recipe with some pieces replaced (`dblock.new(item_tfms=..., batch_tfms=...)`); this one is unchanged."
+        unknown = sorted(set(changes) - set(self.recipe))
+        if unknown:
+            raise TypeError(f"DataBlock.new() got unknown keyword(s) {', '.join(unknown)}; "
+                            f"it replaces one of: {', '.join(self.recipe)}.")
+        return DataBlock(**{**self.recipe, **changes})
 
     def items(self, source):
         "The items listed from `source` (`get_items(source)`, or `source` itself)."
@@ -890,17 +922,3 @@ def _identity(x): return x
 
 def _name(f) -> str:
     return "the item itself" if f is _identity else getattr(f, "__name__", type(f).__name__)
-
-def _short(x, width: int = 70) -> str:
-    "A one-line description: shape, dtype and range for tensors, a shortened repr otherwise."
-    if isinstance(x, torch.Tensor):
-        if x.numel() == 1:
-            return f"tensor({x.item()})"
-        if x.numel() == 0:
-            return "empty tensor"
-        lo, hi = x.min().item(), x.max().item()
-        return f"tensor{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} in [{lo:.4g}, {hi:.4g}]"
-    if isinstance(x, pd.DataFrame):
-        return f"DataFrame{x.shape}"
-    text = repr(x)
-    return text if len(text) <= width else text[:width - 3] + "..."

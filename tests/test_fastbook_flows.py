@@ -176,45 +176,27 @@ def test_chapter6_multi_label():
     assert best >= at_half
 
 
-def building_centre(path: Path):
-    "The chapter 6 `get_ctr`: the centre of the buildings in a frame, in pixels (x, y), as an (n, 2) array."
-    code = np.loadtxt(path / "codes.txt", dtype=str).tolist().index("Building")
-
-    def get_ctr(f):
-        mask = load_mask(path / "labels" / f"{f.stem}_P{f.suffix}")
-        rows, cols = torch.nonzero(mask == code, as_tuple=True)
-        return [[cols.float().mean().item() + 0.5, rows.float().mean().item() + 0.5]]
-    return get_ctr, code
-
-
 def test_chapter6_point_regression():
-    path = untar_data(URLs.CAMVID_TINY)
-    get_ctr, code = building_centre(path)
-    valid_names = set((path / "valid.txt").read_text().split())
-
-    def has_buildings(f):
-        return bool((load_mask(path / "labels" / f"{f.stem}_P{f.suffix}") == code).any())
-
-    def in_valid(f):
-        return f.name in valid_names
-
-    frames = [f for f in get_image_files(path / "images") if has_buildings(f)]
-    biwi = DataBlock(blocks=(ImageBlock, PointBlock), get_y=get_ctr, splitter=FuncSplitter(in_valid),
-                     item_tfms=Resize((96, 128), method="squish"),
-                     batch_tfms=aug_transforms(max_warp=0))   # book: aug_transforms(size=(240, 320))
-    dls = biwi.dataloaders(frames, bs=8)
+    # book: BIWI head pose (not in the offline mirror). The same task shape: find a thing's centre in a picture.
+    # CamVid's building centres were tried first: on 119 frames the result depended on the seed (0.2x to 1.5x
+    # the mean point's error), so the flow finds MNIST digits placed at random on a canvas (tests/test_regression.py).
+    from test_regression import CANVAS, placed_digits
+    digits = placed_digits()
+    biwi = DataBlock(blocks=(ImageBlock, PointBlock), get_x=lambda d: d[0], get_y=lambda d: d[1],
+                     splitter=FuncSplitter(lambda d: d[2]),
+                     batch_tfms=aug_transforms(max_rotate=0, max_warp=0))   # book: aug_transforms(size=(240, 320))
+    dls = biwi.dataloaders(digits, bs=32)
     learn = cnn_learner(dls, ARCH, y_range=(-1, 1), metrics=rmse)
-    # 6 epochs of 15 batches: with 4 of 7 (bs=16) the validation MSE went from 0.04 to 0.51 by seed (mean: 0.15)
-    learn.fit_one_cycle(6, 3e-3)
+    learn.fine_tune(4, 3e-3)   # book: lr_find, then fine_tune(3, lr)
 
     preds, targs = learn.get_preds()
     train_points = torch.cat([y for _, y in dls.train.new(shuffle=False, training=False)]).cpu()
     model_mse = float(F.mse_loss(preds.reshape(targs.shape), targs))
     baseline_mse = float(F.mse_loss(train_points.mean(0).expand_as(targs), targs))
     print(f"chapter 6 points: valid MSE {model_mse:.4f} (rmse {learn.recorder.last_metrics()['rmse']:.3f}), "
-          f"mean-point baseline {baseline_mse:.4f}")
+          f"mean-point baseline {baseline_mse:.4f} (canvas {CANVAS} px)")
     assert learn.recorder.last_metrics()["rmse"] == pytest.approx(model_mse ** 0.5, rel=1e-3)
-    assert model_mse < 0.6 * baseline_mse   # 0.03 to 0.065 over seeds 0, 1 and 42; the baseline is 0.154
+    assert model_mse < 0.5 * baseline_mse   # 0.07 to 0.09 of the baseline over seeds 0, 1 and 2
     assert preds.abs().max() < 1
 
 

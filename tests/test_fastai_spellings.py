@@ -1,5 +1,6 @@
 """The spellings a fastai course or book user types (issue 12): each one works with fastai's meaning, or fails
 with a message that names coursekit's spelling. The table itself is in `nbs/core/11_from_fastai.ipynb`."""
+import dataclasses
 import pickle
 import subprocess
 import sys
@@ -20,8 +21,10 @@ from coursekit.tabular.learner import tabular_learner
 from coursekit.text.data import TextDataLoaders
 from coursekit.text.learner import text_classifier_learner
 from coursekit.text.models import AWD_CONFIGS, get_language_model
-from coursekit.vision.data import ImageBlock, ImageDataLoaders, Normalize, Resize, get_image_files
-from coursekit.vision.learner import cnn_learner
+from coursekit.vision.data import (ImageBlock, ImageDataLoaders, Normalize, Resize, SegmentationDataLoaders,
+                                   get_image_files)
+from coursekit.vision.learner import BACKBONES, cnn_learner
+from coursekit.vision.unet import unet_learner
 
 ADULT_CATS = ["workclass", "education", "marital-status", "occupation", "relationship", "race"]
 ADULT_CONTS = ["age", "fnlwgt", "education-num"]
@@ -408,3 +411,48 @@ def test_image_block_cls_pil_image_bw_names_channels():
         names["PILImageBW"]()
     assert ImageBlock(channels=1).channels == 1
 
+
+
+# --- unet_learner: checks everything first, changes the loaders last, takes torchvision's functions -----------------
+
+def camvid_loaders(**kwargs):
+    "Eight CamVid frames at 64x96 from the mirror, with their masks."
+    camvid = untar_data(URLs.CAMVID_TINY)
+    codes = (camvid / "codes.txt").read_text().split()
+    frames = get_image_files(camvid / "images")[:8]
+    return SegmentationDataLoaders.from_label_func(camvid, frames, lambda f: camvid / "labels" / f"{f.stem}_P{f.suffix}",
+                                                   codes=codes, valid_pct=0.25, seed=0, item_tfms=Resize((64, 96)),
+                                                   bs=4, device="cpu", **kwargs)
+
+
+def test_failed_unet_learner_leaves_the_loaders_and_the_advised_arch_works(monkeypatch):
+    def weights_unavailable(pretrained):
+        raise RuntimeError("Could not load the ImageNet weights for resnet18 (offline?): use arch='efficientnet_lite0'")
+
+    monkeypatch.setitem(BACKBONES, "resnet18", dataclasses.replace(BACKBONES["resnet18"], make_stages=weights_unavailable))
+    dls = camvid_loaders()
+    before = [list(dl.batch_tfms) for dl in dls]
+    with pytest.raises(RuntimeError, match="efficientnet_lite0"):
+        unet_learner(dls, "resnet18")
+    assert [list(dl.batch_tfms) for dl in dls] == before
+    learn = unet_learner(dls, "efficientnet_lite0")
+    assert learn.model.eval()(dls.one_batch()[0]).shape == (4, len(dls.vocab), 64, 96)
+
+
+def test_unet_learner_with_a_wrong_n_in_changes_nothing():
+    dls = camvid_loaders()
+    before = [list(dl.batch_tfms) for dl in dls]
+    with pytest.raises(ValueError, match="n_in=1, but the DataLoaders give images with 3 channel"):
+        unet_learner(dls, "efficientnet_lite0", n_in=1)
+    assert [list(dl.batch_tfms) for dl in dls] == before
+
+
+def test_unet_learner_takes_torchvision_functions_as_the_string_names(tmp_path):
+    resnet34 = star_import()["resnet34"]
+    dls = camvid_loaders()
+    by_function = unet_learner(dls, resnet34, pretrained=False, path=tmp_path)
+    by_name = unet_learner(dls, "resnet34", pretrained=False, path=tmp_path)
+    assert by_function.model_spec == by_name.model_spec                  # the spec records the name: JSON, exportable
+    assert by_function.model_spec["kwargs"]["arch"] == "resnet34"
+    loaded = load_learner(by_function.export("unet_by_function.ck"), device="cpu")
+    assert type(loaded.model).__name__ == "DynamicUnet"

@@ -456,3 +456,21 @@ def test_unet_learner_takes_torchvision_functions_as_the_string_names(tmp_path):
     assert by_function.model_spec["kwargs"]["arch"] == "resnet34"
     loaded = load_learner(by_function.export("unet_by_function.ck"), device="cpu")
     assert type(loaded.model).__name__ == "DynamicUnet"
+
+
+# --- tabular: dls.classes is fastai's {categorical column: its Categorify vocab}; dls.vocab the target's ------------
+
+def test_tabular_classes_are_the_categorify_vocabs_as_in_fastai():
+    dls = TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                     cont_names=["age"], y_names="salary", valid_idx=list(range(30, 40)), device="cpu")
+    assert dls.classes == {"colour": ["#na#", "blue", "green", "red"], "age_na": ["#na#", False, True]}
+    assert dls.vocab == ["<50k", ">=50k"]                                # the target's classes, as before
+    dls.classes["colour"].append("purple")                              # a copy: the model's vocab is unchanged
+    assert dls.processor.categorify.vocab["colour"] == ["#na#", "blue", "green", "red"]
+
+
+def test_tabular_classes_without_categorify_says_to_add_it():
+    dls = TabularDataLoaders.from_df(people().dropna(), procs=[Standardize], cont_names=["age"], y_names="salary",
+                                     device="cpu")
+    with pytest.raises(AttributeError, match="add Categorify to procs"):
+        dls.classes

@@ -474,3 +474,47 @@ def test_tabular_classes_without_categorify_says_to_add_it():
                                      device="cpu")
     with pytest.raises(AttributeError, match="add Categorify to procs"):
         dls.classes
+
+
+# --- tabular learn.predict: fastai's (row, clas, probs); many rows or a tensor name get_preds ----------------------
+
+def people_learner():
+    "A small tabular classifier on `people()`, untrained (predict's shape does not depend on training)."
+    dls = TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                     cont_names=["age"], y_names="salary", valid_idx=list(range(30, 40)), bs=8,
+                                     device="cpu")
+    return tabular_learner(dls, layers=[8])
+
+
+def test_tabular_predict_returns_fastai_row_clas_probs(tmp_path):
+    learn = people_learner()
+    df = people()
+    row, clas, probs = learn.predict(df.iloc[1])                       # book: row, clas, probs = learn.predict(df.iloc[0])
+    assert isinstance(row, pd.DataFrame) and list(row.index) == [1]
+    assert list(row.columns) == ["colour", "age_na", "age", "salary"]    # decoded inputs, then the predicted target
+    assert row["colour"].iloc[0] == df["colour"].iloc[1]
+    assert row["age"].iloc[0] == pytest.approx(df["age"].iloc[1], rel=1e-4)
+    assert row["salary"].iloc[0] == learn.dls.vocab[int(clas)]
+    assert clas.ndim == 0 and int(clas) == int(probs.argmax())
+    assert probs.shape == (2,) and float(probs.sum()) == pytest.approx(1, abs=1e-5)
+    loaded = load_learner(learn.export("people.ck"), device="cpu")
+    loaded_row, loaded_clas, loaded_probs = loaded.predict(df.iloc[1])
+    pd.testing.assert_frame_equal(loaded_row, row)
+    torch.testing.assert_close(loaded_probs, probs)
+
+
+def test_tabular_predict_takes_a_one_row_dataframe_and_a_dict():
+    learn = people_learner()
+    df = people()
+    by_series = learn.predict(df.iloc[1])
+    by_frame = learn.predict(df.iloc[[1]])
+    by_dict = learn.predict(df.iloc[1].to_dict())
+    torch.testing.assert_close(by_frame[2], by_series[2])
+    torch.testing.assert_close(by_dict[2], by_series[2])
+
+
+@pytest.mark.parametrize("many", [lambda df: df.iloc[:3], lambda df: torch.zeros(2)])
+def test_tabular_predict_on_many_rows_or_a_tensor_names_get_preds(many):
+    learn = people_learner()
+    with pytest.raises(TypeError, match=r"learn\.get_preds\(dl=learn\.dls\.test_dl\(df\)\)"):
+        learn.predict(many(people()))

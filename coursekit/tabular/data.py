@@ -7,7 +7,7 @@
 __all__ = ['DATE_PARTS', 'PROCS', 'add_datepart', 'cont_cat_split', 'column_label', 'column_labels', 'as_dataframe',
            'FillMissing', 'Categorify', 'Standardize', 'TabularProcessor', 'TabularDataLoader', 'TabularDataLoaders']
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #4d7dd904
+# %% ../../nbs/lessons/05_tabular_data.ipynb #96926fca
 import os
 import re
 
@@ -21,7 +21,7 @@ from ..from_fastai import renamed_keywords
 from ..data.core import (
     CategoryBlock, DataLoader, DataLoaders, IndexSplitter, RandomSplitter, RegressionBlock, TransformBlock, block_spec)
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #b1193bee
+# %% ../../nbs/lessons/05_tabular_data.ipynb #5ddb2781
 DATE_PARTS = ["Year", "Month", "Week", "Day", "Dayofweek", "Dayofyear", "Is_month_end", "Is_month_start",
               "Is_quarter_end", "Is_quarter_start", "Is_year_end", "Is_year_start"]
 
@@ -48,7 +48,7 @@ def add_datepart(df: pd.DataFrame, field_name: str, prefix: str | None = None, d
         del df[field_name]
     return df
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #f92741ce
+# %% ../../nbs/lessons/05_tabular_data.ipynb #56eda71d
 def cont_cat_split(df: pd.DataFrame, max_card: int = 20, dep_var: str | list | None = None) -> tuple[list, list]:
     "Split `df`'s columns into (continuous, categorical): floats and integers with > `max_card` values are continuous."
     skip = set([dep_var] if isinstance(dep_var, str) else (dep_var or []))
@@ -64,7 +64,7 @@ def cont_cat_split(df: pd.DataFrame, max_card: int = 20, dep_var: str | list | N
             cat.append(name)
     return cont, cat
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #bc520aff
+# %% ../../nbs/lessons/05_tabular_data.ipynb #d697d222
 def column_label(label):
     "A column label as exports keep it: a string or a number (numpy scalars become Python ones); others are refused."
     if isinstance(label, np.generic):
@@ -83,7 +83,7 @@ def column_labels(names) -> list:
         return [column_label(name) for name in names]
     return [column_label(names)]
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #31ffa8e9
+# %% ../../nbs/lessons/05_tabular_data.ipynb #395ba483
 def as_dataframe(items) -> pd.DataFrame:
     "A DataFrame from a DataFrame, one row (a dict or a pandas Series), or a list of rows."
     if isinstance(items, pd.DataFrame):
@@ -92,7 +92,7 @@ def as_dataframe(items) -> pd.DataFrame:
         return pd.DataFrame([items])
     return pd.DataFrame(list(items))
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #b8ddef2b
+# %% ../../nbs/lessons/05_tabular_data.ipynb #d5818c24
 class FillMissing:
     "Fill missing continuous values with the training median (or `fill_strategy`), adding `<col>_na` flags."
     order = 0
@@ -140,7 +140,7 @@ class FillMissing:
         return {"fill_strategy": self.fill_strategy, "add_col": self.add_col,
                 "fill_values": [[c, v] for c, v in self.fill_values.items()], "na_columns": self.na_columns}
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #7c73c397
+# %% ../../nbs/lessons/05_tabular_data.ipynb #b3606a3c
 def _sorted_values(values) -> list:
     "Sort `values` naturally, or as text when they are of mixed types; numpy scalars become Python ones."
     values = [v.item() if isinstance(v, np.generic) else v for v in values]
@@ -179,7 +179,7 @@ class Categorify:
         "JSON-able keyword arguments that rebuild this proc: the vocabs as [column, vocab] pairs."
         return {"vocab": [[c, v] for c, v in self.vocab.items()]}
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #1486eddd
+# %% ../../nbs/lessons/05_tabular_data.ipynb #6174a0a7
 class Standardize:
     "Rescale continuous columns to mean 0 and std 1 with the training mean and std (fastai's tabular `Normalize`)."
     order = 2
@@ -211,7 +211,7 @@ class Standardize:
         "JSON-able keyword arguments that rebuild this proc: means and stds as [column, value] pairs."
         return {"means": [[c, v] for c, v in self.means.items()], "stds": [[c, v] for c, v in self.stds.items()]}
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #b0357d8a
+# %% ../../nbs/lessons/05_tabular_data.ipynb #07c092e8
 _NA_VALUES_HINT = "read the file with pd.read_csv(..., na_values='?') (or TabularDataLoaders.from_csv(..., na_values='?'))"
 
 def _check_numbers(df: pd.DataFrame, conts: list):
@@ -250,7 +250,7 @@ def _check_codes(df: pd.DataFrame, cats: list, conts: list):
         raise TypeError(f"Continuous column(s) {not_numbers} do not hold numbers (e.g. {df[not_numbers[0]].iloc[0]!r}): "
                         "list them in cat_names instead, or convert them with pd.to_numeric.")
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #0707d003
+# %% ../../nbs/lessons/05_tabular_data.ipynb #8af035bb
 PROCS = {"FillMissing": FillMissing, "Categorify": Categorify, "Standardize": Standardize}
 
 def _check_proc(proc):
@@ -395,7 +395,7 @@ class TabularProcessor:
         proc.all_cat_names, proc.all_cont_names = state["all_cat_names"], state["all_cont_names"]
         return proc
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #0d2773e8
+# %% ../../nbs/lessons/05_tabular_data.ipynb #007286ac
 class TabularDataLoader(DataLoader):
     "Batches sliced from pre-encoded tensors with one tensor index per batch (no Python loop per row)."
     def __init__(self, tensors: tuple, processor: TabularProcessor, bs: int = 64, shuffle: bool = False,
@@ -439,7 +439,7 @@ class TabularDataLoader(DataLoader):
     def __repr__(self):
         return f"TabularDataLoader({len(self.dataset)} rows, bs={self.bs}, shuffle={self.shuffle}, device={self.device})"
 
-# %% ../../nbs/lessons/05_tabular_data.ipynb #834856b5
+# %% ../../nbs/lessons/05_tabular_data.ipynb #a7b34cd2
 def _check_folder(path):
     "`path` is the data folder (fastai's second argument); a list there is columns passed in an older order."
     if not isinstance(path, (str, os.PathLike)):

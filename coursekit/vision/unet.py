@@ -8,7 +8,7 @@ U-Net's decoder step, `DynamicUnet` and `unet_learner`, each with its tests. It 
 __all__ = ['icnr_', 'conv_layer', 'PixelShuffleICNR', 'SelfAttention', 'UnetBlock', 'stage_strides', 'DynamicUnet', 'unet_model',
            'unet_splitter', 'unet_learner']
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #07abfb99
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #05bf2bce
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,7 +18,7 @@ from ..learner import Learner
 from .learner import (add_batch_tfm, arch_name, body_stages, check_n_in, create_body, get_backbone,
                                       missing_normalization)
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #5c968a2b
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #17d59419
 def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) -> torch.Tensor:
     "Initialise, in place, a conv weight feeding `PixelShuffle(scale)` so that each output block starts as one repeated value."
     out_ch, in_ch, kh, kw = weight.shape
@@ -50,7 +50,7 @@ class PixelShuffleICNR(nn.Module):
     def forward(self, x):
         return self.blur(self.shuffle(F.relu(self.conv(x))))
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #37c30691
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #7d48c2e2
 class SelfAttention(nn.Module):
     "Self-attention over the positions of a feature map (SAGAN); the identity at initialisation (`gamma = 0`)."
     def __init__(self, n_channels: int):
@@ -66,7 +66,7 @@ class SelfAttention(nn.Module):
         weights = F.softmax(torch.bmm(self.query(flat).transpose(1, 2), self.key(flat)), dim=1)  # (hw, hw)
         return (self.gamma * torch.bmm(self.value(flat), weights) + flat).reshape(n, c, h, w)
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #e8cc57de
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #8c1b6b2c
 class UnetBlock(nn.Module):
     "One decoder step: upsample the deeper features, join the encoder's skip features, two convolutions (then attention)."
     def __init__(self, up_in_c: int, skip_c: int, out_c: int | None = None, blur: bool = False,
@@ -144,7 +144,7 @@ class DynamicUnet(nn.Module):
             hidden = torch.cat([hidden, x], dim=1)
         return self.head(self.final(hidden))
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #3117c92d
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #a630de3b
 @exportable
 def unet_model(arch: str, n_out: int, pretrained: bool = False, self_attention: bool = False,
                blur: bool = False, n_in: int = 3) -> DynamicUnet:
@@ -158,7 +158,7 @@ def unet_splitter(model: DynamicUnet) -> list:
     return [list(model.encoder[:3].parameters()), list(model.encoder[3:].parameters()),
             [p for p in model.parameters() if id(p) not in encoder_ids]]
 
-# %% ../../nbs/lessons/03_segmentation_unet.ipynb #ff1cbaa4
+# %% ../../nbs/lessons/03_segmentation_unet.ipynb #fa61fbd4
 def unet_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = True, n_out: int | None = None,
                  loss_func=None, lr: float = 1e-3, wd: float | None = None, self_attention: bool = False,
                  blur: bool = False, train_bn: bool | None = None, cbs=None, path=None, n_in: int | None = None) -> Learner:

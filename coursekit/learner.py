@@ -947,9 +947,10 @@ class PredictionMixin:
         return collector.result(with_decoded)
 
     def predict(self, item):
-        "Predict one item: `(decoded label, decoded tensor, probabilities)`."
-        probs, _, decoded = self.get_preds(dl=self.dls.test_dl([item]), with_decoded=True)
-        return self.dls.decode_target(decoded[0]), decoded[0], probs[0]
+        "Predict one item: `(decoded label, decoded tensor, probabilities)` (tabular: fastai's `(row, clas, probs)`)."
+        dl = self.dls.test_dl([item])
+        probs, _, decoded = self.get_preds(dl=dl, with_decoded=True)
+        return self.dls.decode_prediction(dl, decoded[0], probs[0])
 
     @renamed_keywords(rows="max_n")
     def show_results(self, max_n: int = 9) -> None:

@@ -252,7 +252,7 @@ def test_tabular_from_df():
     baseline = majority_accuracy(df["salary"].drop(index=valid_idx), df["salary"].iloc[valid_idx])
     print(f"tabular: accuracy {valid_accuracy:.3f}, majority-class baseline {baseline:.3f}")
     assert valid_accuracy > baseline + 0.04
-    salary, salary_idx, probs = learn.predict(df.iloc[0])   # book: row, clas, probs = learn.predict(df.iloc[0])
-    assert salary in dls.vocab
-    assert dls.vocab[int(salary_idx)] == salary
+    row, clas, probs = learn.predict(df.iloc[0])            # as the book spells it
+    assert list(row.index) == [0] and row["workclass"].iloc[0] == df["workclass"].iloc[0]
+    assert row["salary"].iloc[0] == dls.vocab[int(clas)]      # the row carries the prediction in the target column
     assert float(probs.sum()) == pytest.approx(1, abs=1e-5)

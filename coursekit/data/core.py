@@ -574,6 +574,10 @@ class DataLoaders:
         "A class index, one-hot row or mask -> the label, list of labels or mask."
         return self.target_block.decode(t)
 
+    def decode_prediction(self, dl, decoded, probs) -> tuple:
+        "What `learn.predict` returns for the one item of `dl`: `(decoded target, decoded tensor, probabilities)`."
+        return self.decode_target(decoded), decoded, probs
+
     def test_dl(self, items, with_labels: bool = False, bs: int | None = None) -> DataLoader:
         "A validation-style loader over new items (paths, images, tensors...): batches are `(*inputs,)` without labels."
         items = list(items) if not isinstance(items, (tud.Dataset, pd.DataFrame, torch.Tensor)) else items

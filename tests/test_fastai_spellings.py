@@ -19,7 +19,7 @@ from coursekit.tabular.collab import CollabDataLoaders, CollabInterpretation, co
 from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
 from coursekit.tabular.learner import tabular_learner
 from coursekit.text.data import TextDataLoaders
-from coursekit.text.learner import text_classifier_learner
+from coursekit.text.learner import language_model_learner, text_classifier_learner
 from coursekit.text.models import AWD_CONFIGS, get_language_model
 from coursekit.vision.data import (ImageBlock, ImageDataLoaders, Normalize, Resize, SegmentationDataLoaders,
                                    get_image_files)
@@ -518,3 +518,42 @@ def test_tabular_predict_on_many_rows_or_a_tensor_names_get_preds(many):
     learn = people_learner()
     with pytest.raises(TypeError, match=r"learn\.get_preds\(dl=learn\.dls\.test_dl\(df\)\)"):
         learn.predict(many(people()))
+
+
+# --- text learn.predict: one text, as a string; anything else says what to pass ---------------------------------------
+
+@pytest.fixture
+def review_classifier(tmp_path):
+    dls = TextDataLoaders.from_df(reviews(), bs=8, cache_dir=tmp_path, device="cpu")
+    return text_classifier_learner(dls, config="small_clas", pretrained=False)
+
+
+def test_text_predict_takes_a_string(review_classifier):
+    label, clas, probs = review_classifier.predict("a great film")
+    assert label in ("neg", "pos") and probs.shape == (2,)
+
+
+@pytest.mark.parametrize("item,expected", [
+    (["a", "great", "film"], r"got a list of 3 strings.*learn\.get_preds\(dl=learn\.dls\.test_dl\(texts\)\)"),
+    (3, r"got an int \(3\).*learn\.predict\('a great film'\)"),
+    (None, r"got None.*learn\.predict\('a great film'\)"),
+    (pd.Series(["a great film", "boring"]),
+     r"got a pandas Series of 2 strings.*learn\.get_preds\(dl=learn\.dls\.test_dl\(texts\)\)"),
+])
+def test_text_predict_on_a_non_string_says_what_to_pass(review_classifier, item, expected):
+    with pytest.raises(TypeError, match=expected):
+        review_classifier.predict(item)
+
+
+def test_text_test_dl_refuses_a_non_string_among_the_texts(review_classifier):
+    with pytest.raises(TypeError, match=r"got None"):
+        review_classifier.dls.test_dl(["a great film", None])
+
+
+def test_language_model_predict_on_a_non_string_says_what_to_pass(dls_lm):
+    learn = language_model_learner(dls_lm, config="small_lm", pretrained=False)
+    assert learn.predict("a great", n_words=2, temperature=0).startswith("a great ")
+    with pytest.raises(TypeError, match=r"got a list of 2 strings.*' '\.join\(tokens\)"):
+        learn.predict(["a", "great"], n_words=2)
+    with pytest.raises(TypeError, match=r"got None"):
+        learn.predict(None)

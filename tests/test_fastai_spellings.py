@@ -4,16 +4,22 @@ import dataclasses
 import pickle
 import subprocess
 import sys
+import types
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
-from coursekit.core import set_seed
+from coursekit.core import exportable_spec, set_seed
+from coursekit.data.core import CategoryBlock, DataBlock, DataLoaders, RegexLabeller
 from coursekit.data.external import URLs, untar_data
-from coursekit.learner import load_learner, minimum
+from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation
+from coursekit.learner import Learner, load_learner, minimum, simple_mlp
 from coursekit.metrics import accuracy
 from coursekit.tabular.collab import CollabDataLoaders, CollabInterpretation, collab_learner, pca
 from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
@@ -557,3 +563,110 @@ def test_language_model_predict_on_a_non_string_says_what_to_pass(dls_lm):
         learn.predict(["a", "great"], n_words=2)
     with pytest.raises(TypeError, match=r"got None"):
         learn.predict(None)
+
+
+# --- the rows that did not give directions yet: ImageClassifierCleaner, nrows=, using_attr, export.pkl, path=, tensor, L
+
+def test_image_classifier_cleaner_names_image_cleaner_from_toplosses():
+    names = star_import()
+    expected = r"coursekit calls it ImageCleaner\.from_toplosses, e\.g\. ImageCleaner\.from_toplosses\(learn\)"
+    with pytest.raises(TypeError, match=expected):
+        names["ImageClassifierCleaner"](None)
+
+
+def pictures_interpretation(n: int = 6) -> ClassificationInterpretation:
+    "An interpretation of `n` small random pictures, two classes, without a model: what plot_top_losses draws."
+    loader = types.SimpleNamespace(items=list(range(n)), dataset=[(torch.rand(3, 8, 8), 0)] * n)
+    preds = torch.softmax(torch.randn(n, 2), 1)
+    targs = torch.zeros(n, dtype=torch.long)
+    return ClassificationInterpretation(loader, ["cat", "dog"], preds, targs, preds.argmax(1), -preds[:, 0].log())
+
+
+def grid_shape(axes) -> tuple:
+    "(rows, columns) of the figure's grid of pictures."
+    return axes[0].get_subplotspec().get_gridspec().get_geometry()
+
+
+def test_plot_top_losses_takes_fastai_nrows():
+    interp = pictures_interpretation()
+    plt.close("all")
+    assert interp.plot_top_losses(5, nrows=1) is None                  # the book: plot_top_losses(5, nrows=1)
+    assert len(plt.gcf().axes) == 5 and grid_shape(plt.gcf().axes) == (1, 5)
+    plt.close("all")
+    interp.plot_top_losses(6, nrows=2)
+    assert grid_shape(plt.gcf().axes) == (2, 3)
+    plt.close("all")
+    interp.plot_top_losses(4, ncols=4)
+    assert grid_shape(plt.gcf().axes) == (1, 4)
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"nrows=1 and ncols=2 make room for 2 pictures, not 5"):
+        interp.plot_top_losses(5, nrows=1, ncols=2)
+
+
+def test_multilabel_plot_top_losses_takes_fastai_nrows():
+    n = 4
+    loader = types.SimpleNamespace(items=list(range(n)), dataset=[(torch.rand(3, 8, 8), 0)] * n)
+    preds = torch.rand(n, 3)
+    targs = (torch.rand(n, 3) > 0.5).float()
+    interp = MultiLabelClassificationInterpretation(loader, ["a", "b", "c"], preds, targs, torch.rand(n))
+    plt.close("all")
+    interp.plot_top_losses(4, nrows=1)
+    assert grid_shape(plt.gcf().axes) == (1, 4)
+    plt.close("all")
+
+
+def test_using_attr_labels_by_an_attribute_of_the_item():
+    using_attr = star_import()["using_attr"]
+    by_name = using_attr(RegexLabeller(r"^(.+)_\d+.jpg$"), "name")   # the book's pets labeller, anchored on the name
+    assert by_name(Path("/data/pets/images/great_pyrenees_173.jpg")) == "great_pyrenees"
+    folder, names = pet_names()
+    recipe = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=by_name, item_tfms=Resize(16))
+    dls = recipe.dataloaders([folder / name for name in names], bs=4, device="cpu")
+    assert dls.vocab == sorted({name.rsplit("_", 1)[0] for name in names})
+    with pytest.raises(AttributeError, match="stem"):
+        using_attr(str.upper, "stem")("not a path")
+
+
+def test_tensor_makes_tensors_as_fastai_does():
+    tensor = star_import()["tensor"]
+    assert tensor(1, 2, 3).tolist() == [1, 2, 3]
+    assert tensor([1.0, 2.0]).dtype == torch.float32
+    assert tensor(np.array([0.5, 1.5])).dtype == torch.float32           # float64 arrays become float32, as in fastai
+    picture = tensor(Image.new("L", (4, 3), 7))
+    assert picture.shape == (3, 4) and picture.dtype == torch.uint8 and int(picture[0, 0]) == 7
+    already = torch.ones(2)
+    assert tensor(already) is already
+    assert tensor(pd.Series([1, 2])).tolist() == [1, 2]
+
+
+def test_fastcore_l_names_a_plain_list():
+    with pytest.raises(TypeError, match=r"L is fastai's name; coursekit calls it a plain list"):
+        star_import()["L"]([1, 2])
+
+
+def small_exported_learner(folder) -> Path:
+    "Export a tiny classifier to `folder/export.ck`, as `learn.export()` does by default."
+    x = torch.randn(32, 2)
+    y = (x.sum(1) > 0).long()
+    dls = DataLoaders.from_dsets(list(zip(x[:24], y[:24])), list(zip(x[24:], y[24:])), bs=8, device="cpu", vocab=["neg", "pos"])
+    learn = Learner(dls, simple_mlp(2, 2), cbs=[], path=folder)
+    learn.model_spec = exportable_spec(simple_mlp, n_in=2, n_out=2)
+    return learn.export()
+
+
+def test_load_learner_of_fastai_export_pkl_names_export_ck(tmp_path):
+    exported = small_exported_learner(tmp_path)
+    assert exported == tmp_path / "export.ck"
+    with pytest.raises(FileNotFoundError, match=r"export\.pkl.*writes export\.ck, a zip .* never unpickled.*load_learner\("):
+        load_learner(tmp_path / "export.pkl")
+    with pytest.raises(FileNotFoundError, match=r"No export at .*model\.ck$"):
+        load_learner(tmp_path / "model.ck")                              # not a .pkl: the plain message
+
+
+def test_dblock_dataloaders_takes_fastai_path(tmp_path):
+    folder, names = pet_names()
+    recipe = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=RegexLabeller(r"([^/]+)_\d+.jpg$"), item_tfms=Resize(16))
+    dls = recipe.dataloaders([folder / name for name in names], path=tmp_path, bs=4, device="cpu")
+    assert dls.path == tmp_path
+    assert cnn_learner(dls, "resnet18", pretrained=False).path == tmp_path   # where the learner saves and exports
+    assert recipe.dataloaders([folder / name for name in names], bs=4, device="cpu").path == Path(".")

@@ -883,15 +883,15 @@ class DataBlock:
                         BlockDataset(subset(valid_idx), blocks, self.getters, self.n_inp), blocks)
 
     def dataloaders(self, source, bs: int = 64, device=None, num_workers: int = 0, shuffle: bool = True,
-                    cache="auto") -> DataLoaders:
-        "DataLoaders for `source`: the training loader shuffles (unless `shuffle=False`) and augments."
+                    cache="auto", path=".") -> DataLoaders:
+        "DataLoaders for `source`: the training loader shuffles (unless `shuffle=False`) and augments; `path`: the data folder."
         dsets = self.datasets(source)
         kinds = [b.kind for b in dsets.blocks]
         common = dict(bs=bs, device=device, num_workers=num_workers, item_tfms=self.item_tfms,
                       batch_tfms=self.batch_tfms, kinds=kinds, n_inp=self.n_inp, cache=cache)
         train = DataLoader(dsets.train, shuffle=shuffle, drop_last=shuffle and len(dsets.train) > bs, training=True, **common)
         valid = DataLoader(dsets.valid, training=False, **common)
-        return DataLoaders(train, valid, dsets.blocks)
+        return DataLoaders(train, valid, dsets.blocks, path=path)   # path: where a learner on them saves (fastai's)
 
     def summary(self, source, bs: int = 4):
         "Print each step from `source` to one training sample and one batch (changes nothing)."

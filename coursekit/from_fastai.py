@@ -79,7 +79,7 @@ CollabDataBunch = FastaiName("CollabDataBunch", "CollabDataLoaders",
 ImageClassifierCleaner = FastaiName("ImageClassifierCleaner", "ImageCleaner.from_toplosses", "ImageCleaner.from_toplosses(learn)")
 L = FastaiName("L", "a plain list", "[f.name for f in files] or list(path.iterdir()) (fastcore's L is not used here)")
 
-# %% ../nbs/core/11_from_fastai.ipynb #e517b971
+# %% ../nbs/core/11_from_fastai.ipynb #cd852ee9
 def _apply_to_attr(f, attr: str, o):
     "`f(o.attr)`."
     return f(getattr(o, attr))

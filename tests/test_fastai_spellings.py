@@ -16,7 +16,7 @@ import torchvision
 from PIL import Image
 
 from coursekit.core import exportable_spec, set_seed
-from coursekit.data.core import CategoryBlock, DataBlock, DataLoaders, RegexLabeller
+from coursekit.data.core import CategoryBlock, DataBlock, DataLoaders, FuncSplitter, RegexLabeller
 from coursekit.data.external import URLs, untar_data
 from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation
 from coursekit.learner import Learner, load_learner, minimum, simple_mlp
@@ -27,7 +27,7 @@ from coursekit.tabular.learner import tabular_learner
 from coursekit.text.data import TextDataLoaders
 from coursekit.text.learner import language_model_learner, text_classifier_learner
 from coursekit.text.models import AWD_CONFIGS, get_language_model
-from coursekit.vision.data import (ImageBlock, ImageDataLoaders, Normalize, Resize, SegmentationDataLoaders,
+from coursekit.vision.data import (ImageBlock, ImageDataLoaders, Normalize, PointBlock, Resize, SegmentationDataLoaders,
                                    get_image_files)
 from coursekit.vision.learner import BACKBONES, cnn_learner
 from coursekit.vision.unet import unet_learner
@@ -670,3 +670,50 @@ def test_dblock_dataloaders_takes_fastai_path(tmp_path):
     assert dls.path == tmp_path
     assert cnn_learner(dls, "resnet18", pretrained=False).path == tmp_path   # where the learner saves and exports
     assert recipe.dataloaders([folder / name for name in names], bs=4, device="cpu").path == Path(".")
+
+
+# --- PointBlock: show_batch and show_results draw the points on the picture ------------------------------------------
+
+def dot_loaders():
+    "Ten 32x32 black pictures (tensors) each with a white dot; the target is the dot's (x, y) in pixels; two to validate."
+    items = []
+    for i in range(10):
+        picture = torch.zeros(3, 32, 32, dtype=torch.uint8)
+        x, y = 4 + 2 * i, 26 - 2 * i
+        picture[:, y, x] = 255
+        items.append((picture, [[x + 0.5, y + 0.5]], i >= 8))
+    recipe = DataBlock(blocks=(ImageBlock, PointBlock), get_x=lambda item: item[0], get_y=lambda item: item[1],
+                       splitter=FuncSplitter(lambda item: item[2]))
+    return recipe.dataloaders(items, bs=4, device="cpu")
+
+
+def drawn_colour(collection) -> tuple:
+    "The colour a scatter of unfilled markers is drawn in."
+    colours = collection.get_facecolor() if len(collection.get_facecolor()) else collection.get_edgecolor()
+    return tuple(np.round(colours[0], 3))
+
+
+def test_point_show_results_draws_actual_and_predicted_points_on_one_picture_in_two_colours():
+    dls = dot_loaders()
+    xb, yb = dls.valid.one_batch()
+    plt.close("all")
+    assert dls.show_results((xb, yb), yb + 0.25, max_n=2) is None        # drawn once, nothing returned
+    axes = plt.gcf().axes
+    assert len(axes) == 2                                              # one picture per item
+    for ax, points in zip(axes, yb):
+        assert len(ax.images) == 1 and len(ax.collections) == 2        # the picture, the actual and the predicted points
+        actual, predicted = ax.collections
+        assert drawn_colour(actual) != drawn_colour(predicted)
+        assert "actual" in ax.get_title() and "predicted" in ax.get_title()
+        expected = (points[0] + 1) / 2 * 32 - 0.5                       # back to pixel positions
+        np.testing.assert_allclose(actual.get_offsets()[0], expected.numpy(), atol=1e-4)
+    plt.close("all")
+
+
+def test_point_show_batch_draws_the_points_once_on_each_picture():
+    dls = dot_loaders()
+    plt.close("all")
+    assert dls.show_batch(dls.valid.one_batch(), max_n=2) is None
+    axes = plt.gcf().axes
+    assert len(axes) == 2 and all(len(ax.images) == 1 and len(ax.collections) == 1 for ax in axes)
+    plt.close("all")

@@ -644,13 +644,21 @@ class DataLoaders:
 
     @renamed_keywords(rows="max_n")
     def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
-        "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or masks/points side by side."
+        "Draw inputs with actual and predicted targets: `actual/predicted` titles, masks side by side, points in two colours."
         samples = self.decode_batch(batch, max_n)
         preds = preds[:max_n].detach().cpu() if isinstance(preds, torch.Tensor) else list(preds)[:max_n]
-        pictures = self.target_block.kind in ("mask", "point")   # targets drawn on the picture: actual, then predicted
+        pictures = self.target_block.kind == "mask"   # masks drawn on the picture: actual, then predicted beside it
         axs = _grid(len(samples) * (2 if pictures else 1), ncols * (2 if pictures else 1), figsize)
         for i, (sample, pred) in enumerate(zip(samples, preds)):
             inputs, target = sample[:self.n_inp], sample[self.n_inp] if len(sample) > self.n_inp else None
+            if self.target_block.kind == "point":   # both sets of points on one picture, in two colours
+                for b, x in zip(self.blocks, inputs):
+                    b.show(x, axs[i])
+                if target is not None:
+                    self.target_block.show(target, axs[i], color="lime", marker="+")
+                self.target_block.show(pred, axs[i], color="red", marker="x")
+                _finish_axis(axs[i], "actual + (green), predicted x (red)")
+                continue
             if pictures:
                 ax_t, ax_p = axs[2 * i], axs[2 * i + 1]
                 for ax, mask, name in ((ax_t, target, "actual"), (ax_p, pred, "predicted")):

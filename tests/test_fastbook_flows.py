@@ -85,11 +85,13 @@ def test_chapter2_cleaning_flow(tmp_path):
     matrix = interp.confusion_matrix()
     assert int(matrix.sum()) == len(dls.valid.dataset)
     assert float(matrix.trace() / matrix.sum()) == pytest.approx(1 - error)
-    interp.plot_top_losses(5, ncols=5)          # book: plot_top_losses(5, nrows=1)
+    interp.plot_top_losses(5, nrows=1)          # as the book spells it: one row of five
     losses, idxs = interp.top_losses(5)
     assert bool((losses[:-1] >= losses[1:]).all())
 
     cleaner = ImageCleaner.from_toplosses(learn)   # book: cleaner = ImageClassifierCleaner(learn)
+    with pytest.raises(TypeError, match=r"ImageCleaner\.from_toplosses\(learn\)"):
+        ImageClassifierCleaner(learn)              # the book's name says which to use
     assert len(cleaner.state.items) == len(dls.train.dataset) + len(dls.valid.dataset)
 
     exported = learn.export()

@@ -1352,8 +1352,8 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
                   pct_start: float = 0.3, div: float = 5.0, wd: float | None = None, cbs=None, resume=None):
         "Transfer learning as fastai does it: train the head frozen, then everything; `resume`: a checkpoint of either stage."
-        self.freeze()
         stage = "frozen" if resume is None else self._fine_tune_stage(resume, epochs, freeze_epochs)
+        self.freeze()
         if freeze_epochs and stage == "frozen":
             self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs, resume=resume)
         base_lr /= 2
@@ -1365,9 +1365,14 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
     def _fine_tune_stage(self, file, epochs: int, freeze_epochs: int) -> str:
         "Which stage of `fine_tune` wrote the checkpoint `file`, 'frozen' or 'unfrozen': its epochs and trainable parameters say."
         saved = read_training_checkpoint(file, "cpu")["training"]["fit"]
-        groups = [group["params"] for group in self.opt.param_groups]          # the learner is frozen here
+        trainable, held = [p.requires_grad for p in self.model.parameters()], list(self.held_bn)
+        self.freeze()                                                # to count what the frozen stage trains
+        groups = [group["params"] for group in self.opt.param_groups]
         stages = {"frozen": (freeze_epochs, [sum(p.requires_grad for p in group) for group in groups]),
                   "unfrozen": (epochs, [len(group) for group in groups])}
+        for param, flag in zip(self.model.parameters(), trainable):   # and back: a refused resume changes nothing
+            param.requires_grad_(flag)
+        self.held_bn = held
         if not freeze_epochs:
             del stages["frozen"]
         found = (saved["n_epoch"], list(saved["trainable"]))

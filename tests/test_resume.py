@@ -378,3 +378,4 @@ def test_fine_tune_refuses_a_checkpoint_of_another_fit_naming_fit_one_cycle(tmp_
         learn.fine_tune(EPOCHS, 1e-2, freeze_epochs=FREEZE_EPOCHS, resume=tmp_path / "models" / "model_1.pth")
     for name, tensor in learn.model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+    assert all(param.requires_grad for param in learn.model.parameters())   # not left frozen either

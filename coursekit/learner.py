@@ -14,8 +14,8 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'SummaryRow', '
            'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds', 'decode_preds', 'per_item_losses',
            'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks',
            'ResumeMixin', 'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows',
-           'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'Learner', 'load_learner', 'simple_mlp',
-           'sigmoid_range', 'SigmoidRange']
+           'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'finder_result', 'DoctorMixin', 'Learner',
+           'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -35,6 +35,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .core import default_device, defer_interrupt, exportable, in_notebook
+from .doctor import DoctorReport, FinderResult, FitHistory, diagnose, is_finder_run, lr_find_only_report
 from .metrics import AvgMetric, items_in_batch, weighted_mean
 from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_state, read_checkpoint, read_export,
                                save_checkpoint, write_export)
@@ -1189,9 +1190,33 @@ class TTAMixin:
             return torch.maximum(aug_preds, preds), targets
         return torch.lerp(aug_preds, preds, beta), targets
 
+# %% ../nbs/core/06_learner.ipynb #11bdafc0
+def finder_result(finder):
+    "What `diagnose` needs from an `LRFinder`: a `FinderResult`, the reason it has no suggestions, or None without one."
+    if finder is None:
+        return None
+    try:
+        suggested, _ = finder.suggestions((minimum, steep))
+    except ValueError as err:  # too few steps to suggest anything: the doctor says so
+        return str(err)
+    return FinderResult(minimum=suggested.minimum, steep=suggested.steep)
+
+class DoctorMixin:
+    "`doctor()`: the course's rules of thumb applied to the last fit and the last `lr_find`, each with its numbers."
+    def doctor(self, claimed_gap: float | None = None) -> DoctorReport:
+        "What the rules say about the last fit (lr, under-/over-fitting, lr_find, noise); `claimed_gap`: a metric difference."
+        finder = getattr(self, "lr_finder", None)  # set by lr_find
+        recorder = self.recorder
+        if finder is not None and is_finder_run(recorder.lrs, finder.lrs):
+            return lr_find_only_report(len(finder.lrs))
+        history = FitHistory(recorder.metric_names, recorder.values, recorder.losses, recorder.lrs, recorder.beta,
+                             n_valid=len(self.dls.valid.dataset), finished=getattr(self, "finished", True))
+        return diagnose(history, finder_result(finder), claimed_gap=claimed_gap)
+
+
 # %% ../nbs/core/06_learner.ipynb #1ce09702
 class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin, ResumeMixin,
-              SummaryMixin, TTAMixin):
+              SummaryMixin, TTAMixin, DoctorMixin):
     "Trains `model` on `dls` with `loss_func`: the training loop and its callbacks, and the recipes built on it."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
                  metrics=None, cbs=None, wd: float | None = None, splitter=trainable_params, path=None,

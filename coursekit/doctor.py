@@ -12,14 +12,14 @@ __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIP
            'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'healthy_sentence',
            'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #0c4da849
+# %% ../nbs/core/13_doctor.ipynb #da926041
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #215578a9
+# %% ../nbs/core/13_doctor.ipynb #8f2ca21a
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -70,7 +70,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #47f35f61
+# %% ../nbs/core/13_doctor.ipynb #9ad79074
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -92,7 +92,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #e094e0d8
+# %% ../nbs/core/13_doctor.ipynb #4966f547
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -162,7 +162,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #df339d1f
+# %% ../nbs/core/13_doctor.ipynb #51ff47e2
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -185,7 +185,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #d5160fe8
+# %% ../nbs/core/13_doctor.ipynb #c4b6f1fa
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -194,7 +194,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #d7d53ee4
+# %% ../nbs/core/13_doctor.ipynb #b2cfc7f2
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -232,11 +232,12 @@ def check_overfitting(values: list, metric_names: list, n_valid: int | None = No
                 noise = rate_difference_error(float(np.mean(series[[best, -1]])), n_valid)
                 if worse > 2 * noise:
                     return [("overfitting", overfitting_sentence(name, series, best, train))]
-                findings.append(("valid_too_small", f"The validation {name} is worse than at its best epoch "
-                                 f"({series[best]:.4g} at epoch {best + 1}, {series[-1]:.4g} at epoch {len(series)}), "
-                                 f"but by less than two standard errors of a difference ({2 * noise:.2g} with "
-                                 f"{n_valid} validation items): this validation set cannot tell whether the model "
-                                 "is over-fitting."))
+                if worse > noise:  # a hint of worsening, but within the noise (below one error: no hint at all)
+                    findings.append(("valid_too_small", f"The validation {name} is worse than at its best epoch "
+                                     f"({series[best]:.4g} at epoch {best + 1}, {series[-1]:.4g} at epoch "
+                                     f"{len(series)}), but by less than two standard errors of a difference "
+                                     f"({2 * noise:.2g} with {n_valid} validation items): this validation set "
+                                     "cannot tell whether the model is over-fitting."))
             elif len(series) - 1 - best >= 2:
                 return [("overfitting", overfitting_sentence(name, series, best, train))]
     best_loss = int(np.argmin(valid_loss))
@@ -246,9 +247,9 @@ def check_overfitting(values: list, metric_names: list, n_valid: int | None = No
     if rose and judged is not None and not findings:
         name = judged[0]
         findings.append(("valid_loss_rising", f"The validation loss rose from {valid_loss[best_loss]:.3g} (epoch "
-                         f"{best_loss + 1}) to {valid_loss[-1]:.3g} while the training loss fell, but the {name} did not "
-                         f"get worse: the model is growing over-confident on the items it gets wrong. By the course's "
-                         f"rule that is not over-fitting yet: watch the {name}."))
+                         f"{best_loss + 1}) to {valid_loss[-1]:.3g} while the training loss fell, but the {name} shows "
+                         "no worsening beyond its noise: the model is growing over-confident on the items it gets "
+                         f"wrong. By the course's rule that is not over-fitting yet: watch the {name}."))
     return findings
 
 def check_fitting(history: FitHistory) -> list:
@@ -265,7 +266,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #7ad166d7
+# %% ../nbs/core/13_doctor.ipynb #358fe42d
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -301,7 +302,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #4cf5dcf9
+# %% ../nbs/core/13_doctor.ipynb #17b2cb44
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished")
 
@@ -349,10 +350,11 @@ def diagnose(history: FitHistory, finder=None, claimed_gap: float | None = None)
         lr_findings = check_lr_too_high(batch_losses, history.lrs, finder) or \
             check_lr_too_low(batch_losses, history.lrs, finder)
     findings += lr_findings
-    fitting = check_fitting(history)
-    if lr_findings and lr_findings[0][0] == "lr_too_high":  # a loss that exploded says nothing about capacity
-        fitting = [finding for finding in fitting if finding[0] != "underfitting"]
-    findings += fitting
+    if lr_findings and lr_findings[0][0] == "lr_too_high":  # the epoch table of a loss that jumped says nothing yet
+        findings.append(("cannot_tell_fitting", "Under- and over-fitting cannot be judged while the learning rate is "
+                                                "too high: fix it first, then train again and ask the doctor."))
+    else:
+        findings += check_fitting(history)
     findings += check_lr_choice(history.lrs, finder)
     if claimed_gap is not None:
         findings += check_claimed_gap(history, claimed_gap)

@@ -6,20 +6,21 @@ numbers behind it."""
 # %% auto #0
 __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIPLE', 'BARELY_MOVES', 'LOWER_IS_BETTER',
            'HIGHER_IS_BETTER', 'RATES', 'LOSS_RISE', 'PROBLEMS', 'FitHistory', 'FinderResult', 'finding_title',
-           'DoctorReport', 'unsmoothed', 'loss_windows', 'describe_lr', 'finder_advice', 'check_lr_too_high',
-           'check_lr_too_low', 'metric_direction', 'judged_metric', 'rate_difference_error', 'items_to_resolve',
-           'check_underfitting', 'worsening', 'overfitting_sentence', 'check_overfitting', 'check_fitting',
-           'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'healthy_sentence',
-           'diagnose']
+           'DoctorReport', 'unsmoothed', 'loss_windows', 'describe_lr', 'finder_advice', 'difference_noise',
+           'non_finite_finding', 'divergence_finding', 'oscillation_finding', 'check_lr_too_high', 'check_lr_too_low',
+           'metric_direction', 'judged_metric', 'rate_difference_error', 'items_to_resolve', 'check_underfitting',
+           'worsening', 'overfitting_sentence', 'metric_overfitting', 'loss_overfitting', 'check_overfitting',
+           'check_fitting', 'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report',
+           'healthy_sentence', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #da926041
+# %% ../nbs/core/13_doctor.ipynb #9d43c435
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #8f2ca21a
+# %% ../nbs/core/13_doctor.ipynb #86f9810e
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -70,7 +71,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #9ad79074
+# %% ../nbs/core/13_doctor.ipynb #34f9cdb7
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -92,7 +93,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #4966f547
+# %% ../nbs/core/13_doctor.ipynb #639bd0c8
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -107,36 +108,52 @@ def finder_advice(finder) -> str:
         return f"lr_find suggested {finder.minimum:.2g} (minimum/10) and {finder.steep:.2g} (steepest)"
     return "learn.lr_find() suggests one"
 
-def check_lr_too_high(batch_losses, lrs, finder=None) -> list:
-    "`lr_too_high` when the batch losses became non-finite, ended above where they started, or climbed back up."
-    batch_losses = np.asarray(batch_losses, dtype=float)
-    lr = describe_lr(lrs)
-    if not np.isfinite(batch_losses).all():
-        first = int(np.argmin(np.isfinite(batch_losses)))
-        return [("lr_too_high", f"The training loss became NaN or infinite at batch {first + 1} ({lr}): lower the "
-                                f"learning rate about tenfold ({finder_advice(finder)}); if that does not help, look "
-                                "for NaN in the data.")]
-    windows = loss_windows(batch_losses)
+def difference_noise(windows: LossWindows) -> float:
+    "Standard error of the difference between two stretches' means."
+    return math.sqrt(2) * windows.standard_error
+
+def non_finite_finding(batch_losses: np.ndarray, lr: str, finder) -> list:
+    "`lr_too_high` naming the first batch whose loss is NaN or infinite."
+    first = int(np.argmin(np.isfinite(batch_losses)))
+    return [("lr_too_high", f"The training loss became NaN or infinite at batch {first + 1} ({lr}): lower the "
+                            f"learning rate about tenfold ({finder_advice(finder)}); if that does not help, look "
+                            "for NaN in the data.")]
+
+def divergence_finding(windows: LossWindows, lr: str, finder) -> list:
+    "`lr_too_high` when the last stretch's mean loss is above the first's by more than the noise."
     means = windows.means
-    noise = NOISE_MULTIPLE * math.sqrt(2) * windows.standard_error
-    if means[-1] > means[0] + noise:
-        return [("lr_too_high", f"The training loss diverged: it ended higher than it started, {means[-1]:.3g} over "
-                                f"the last {windows.size} batches against {means[0]:.3g} over the first ({lr}). Lower "
-                                f"the learning rate about tenfold ({finder_advice(finder)}).")]
+    if not means[-1] > means[0] + NOISE_MULTIPLE * difference_noise(windows):
+        return []
+    return [("lr_too_high", f"The training loss diverged: it ended higher than it started, {means[-1]:.3g} over "
+                            f"the last {windows.size} batches against {means[0]:.3g} over the first ({lr}). Lower "
+                            f"the learning rate about tenfold ({finder_advice(finder)}).")]
+
+def oscillation_finding(windows: LossWindows, lr: str, finder) -> list:
+    "`lr_too_high` when a stretch's mean climbed back above the lowest before it by half and beyond the noise."
+    means = windows.means
     lowest_before = np.minimum.accumulate(means)[:-1]
     if lowest_before.min() <= 0:  # a relative climb means nothing for a loss that reaches 0 or below
         return []
     rises = means[1:] - lowest_before
     worst = int(np.argmax(rises / lowest_before))
     rise = float(rises[worst])
-    if rise > OSCILLATION_RISE * lowest_before[worst] and rise > noise:
-        batch = (worst + 1) * windows.size
-        return [("lr_too_high", f"The training loss oscillates: around batch {batch + 1} it climbed back from "
-                                f"{lowest_before[worst]:.3g} to {means[worst + 1]:.3g} "
-                                f"(+{rise / lowest_before[worst]:.0%}, {rise / windows.standard_error / math.sqrt(2):.0f} "
-                                f"standard errors of the batch noise) before falling again ({lr}). The learning rate "
-                                f"is too high for this stage: lower it about tenfold ({finder_advice(finder)}).")]
-    return []
+    noise = difference_noise(windows)
+    if not (rise > OSCILLATION_RISE * lowest_before[worst] and rise > NOISE_MULTIPLE * noise):
+        return []
+    batch = (worst + 1) * windows.size
+    return [("lr_too_high", f"The training loss oscillates: around batch {batch + 1} it climbed back from "
+                            f"{lowest_before[worst]:.3g} to {means[worst + 1]:.3g} (+{rise / lowest_before[worst]:.0%}, "
+                            f"{rise / noise:.0f} standard errors of the batch noise) before falling again ({lr}). The "
+                            f"learning rate is too high for this stage: lower it about tenfold ({finder_advice(finder)}).")]
+
+def check_lr_too_high(batch_losses, lrs, finder=None) -> list:
+    "`lr_too_high` when the batch losses became non-finite, ended above where they started, or climbed back up."
+    batch_losses = np.asarray(batch_losses, dtype=float)
+    lr = describe_lr(lrs)
+    if not np.isfinite(batch_losses).all():
+        return non_finite_finding(batch_losses, lr, finder)
+    windows = loss_windows(batch_losses)
+    return divergence_finding(windows, lr, finder) or oscillation_finding(windows, lr, finder)
 
 def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
     "`lr_too_low` when the loss fell by less than a fifth and was still falling; `cannot_tell_progress` if it was flat."
@@ -151,7 +168,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
     late_fall = means[half - 1] - means[-1]
     moved = (f"The training loss barely moved: {means[0]:.3g} over the first {windows.size} batches, {means[-1]:.3g} "
              f"over the last ({fall:.0%} lower) with the {describe_lr(lrs)}")
-    if late_fall > 2 * math.sqrt(2) * windows.standard_error:
+    if late_fall > 2 * difference_noise(windows):
         steeper = ""
         if isinstance(finder, FinderResult) and len(lrs) and finder.steep > max(lrs):
             steeper = f"; lr_find's steepest point is {finder.steep / max(lrs):.0f} times higher, at {finder.steep:.2g}"
@@ -162,7 +179,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #51ff47e2
+# %% ../nbs/core/13_doctor.ipynb #02ccf135
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -185,7 +202,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #c4b6f1fa
+# %% ../nbs/core/13_doctor.ipynb #8bb84f1c
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -194,7 +211,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #b2cfc7f2
+# %% ../nbs/core/13_doctor.ipynb #f50e75d7
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -216,41 +233,51 @@ def overfitting_sentence(name: str, series, best: int, train) -> str:
             f"over-fitting. Train for fewer epochs (about {best + 1} here), or get more data, augment it, or add "
             "weight decay or dropout.")
 
+def metric_overfitting(table: np.ndarray, judged: tuple, n_valid: int | None) -> list:
+    "`overfitting` or `valid_too_small` from the judged metric's column, [] when it did not worsen as training fell."
+    name, column, direction = judged
+    train = table[:, 0]
+    series = table[:, column]
+    best, worse = worsening(series, direction)
+    if worse <= 0 or not train[-1] < train[best]:
+        return []
+    overfitting = [("overfitting", overfitting_sentence(name, series, best, train))]
+    if name not in RATES or not n_valid:  # no known noise: the worsening must last two epochs
+        return overfitting if len(series) - 1 - best >= 2 else []
+    noise = rate_difference_error(float(np.mean(series[[best, -1]])), n_valid)
+    if worse > 2 * noise:
+        return overfitting
+    if worse <= noise:  # below one standard error: no hint at all
+        return []
+    return [("valid_too_small", f"The validation {name} is worse than at its best epoch ({series[best]:.4g} at epoch "
+                                f"{best + 1}, {series[-1]:.4g} at epoch {len(series)}), but by less than two standard "
+                                f"errors of a difference ({2 * noise:.2g} with {n_valid} validation items): this "
+                                "validation set cannot tell whether the model is over-fitting.")]
+
+def loss_overfitting(table: np.ndarray, metric_name: str | None) -> list:
+    "From a rising validation loss: `overfitting` without a judged metric (after two epochs), else `valid_loss_rising`."
+    train = table[:, 0]
+    valid_loss = table[:, 1]
+    best = int(np.argmin(valid_loss))
+    rose = valid_loss[-1] > (1 + LOSS_RISE) * valid_loss[best] and train[-1] < train[best]
+    if not rose:
+        return []
+    if metric_name is None:
+        lasted = len(valid_loss) - 1 - best >= 2
+        return [("overfitting", overfitting_sentence("loss", valid_loss, best, train))] if lasted else []
+    return [("valid_loss_rising", f"The validation loss rose from {valid_loss[best]:.3g} (epoch {best + 1}) to "
+                                  f"{valid_loss[-1]:.3g} while the training loss fell, but the {metric_name} shows no "
+                                  "worsening beyond its noise: the model is growing over-confident on the items it "
+                                  f"gets wrong. By the course's rule that is not over-fitting yet: watch the {metric_name}.")]
+
 def check_overfitting(values: list, metric_names: list, n_valid: int | None = None) -> list:
     "`overfitting`, `valid_loss_rising` or `valid_too_small` from the epoch table; [] when the validation set holds up."
     table = np.asarray(values, dtype=float)
-    train = table[:, 0]
-    valid_loss = table[:, 1]
     judged = judged_metric(metric_names)
-    findings = []
-    if judged is not None:
-        name, column, direction = judged
-        series = table[:, column]
-        best, worse = worsening(series, direction)
-        if worse > 0 and train[-1] < train[best]:
-            if name in RATES and n_valid:
-                noise = rate_difference_error(float(np.mean(series[[best, -1]])), n_valid)
-                if worse > 2 * noise:
-                    return [("overfitting", overfitting_sentence(name, series, best, train))]
-                if worse > noise:  # a hint of worsening, but within the noise (below one error: no hint at all)
-                    findings.append(("valid_too_small", f"The validation {name} is worse than at its best epoch "
-                                     f"({series[best]:.4g} at epoch {best + 1}, {series[-1]:.4g} at epoch "
-                                     f"{len(series)}), but by less than two standard errors of a difference "
-                                     f"({2 * noise:.2g} with {n_valid} validation items): this validation set "
-                                     "cannot tell whether the model is over-fitting."))
-            elif len(series) - 1 - best >= 2:
-                return [("overfitting", overfitting_sentence(name, series, best, train))]
-    best_loss = int(np.argmin(valid_loss))
-    rose = valid_loss[-1] > (1 + LOSS_RISE) * valid_loss[best_loss] and train[-1] < train[best_loss]
-    if rose and judged is None and len(valid_loss) - 1 - best_loss >= 2:
-        return [("overfitting", overfitting_sentence("loss", valid_loss, best_loss, train))]
-    if rose and judged is not None and not findings:
-        name = judged[0]
-        findings.append(("valid_loss_rising", f"The validation loss rose from {valid_loss[best_loss]:.3g} (epoch "
-                         f"{best_loss + 1}) to {valid_loss[-1]:.3g} while the training loss fell, but the {name} shows "
-                         "no worsening beyond its noise: the model is growing over-confident on the items it gets "
-                         f"wrong. By the course's rule that is not over-fitting yet: watch the {name}."))
-    return findings
+    by_metric = [] if judged is None else metric_overfitting(table, judged, n_valid)
+    if by_metric:
+        return by_metric
+    return loss_overfitting(table, None if judged is None else judged[0])
 
 def check_fitting(history: FitHistory) -> list:
     "Under- and over-fitting from the epoch table, or why the table cannot tell."
@@ -266,7 +293,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #358fe42d
+# %% ../nbs/core/13_doctor.ipynb #d1c3d60c
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -302,7 +329,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #17b2cb44
+# %% ../nbs/core/13_doctor.ipynb #02480d63
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished")
 

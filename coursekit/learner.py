@@ -1209,7 +1209,8 @@ class DoctorMixin:
         recorder = self.recorder
         if finder is not None and is_finder_run(recorder.lrs, finder.lrs):
             return lr_find_only_report(len(finder.lrs))
-        history = FitHistory(recorder.metric_names, recorder.values, recorder.losses, recorder.lrs, recorder.beta,
+        values = [[float(value) for value in row] for row in recorder.values]  # a metric may give a tensor
+        history = FitHistory(recorder.metric_names, values, recorder.losses, recorder.lrs, recorder.beta,
                              n_valid=len(self.dls.valid.dataset), finished=getattr(self, "finished", True))
         return diagnose(history, finder_result(finder), claimed_gap=claimed_gap)
 

@@ -13,14 +13,14 @@ __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIP
            'check_fitting', 'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report',
            'healthy_sentence', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #9d43c435
+# %% ../nbs/core/13_doctor.ipynb #5f57c92f
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #86f9810e
+# %% ../nbs/core/13_doctor.ipynb #1a7d200d
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -29,7 +29,7 @@ class FitHistory:
     losses: list = field(default_factory=list)  # the smoothed training loss of each batch
     lrs: list = field(default_factory=list)     # the learning rate of the last parameter group at each batch
     beta: float = 0.98                  # the smoothing of `losses` (the recorder's)
-    n_valid: int | None = None          # items in the validation set
+    n_valid: int | None = None          # validation items, one prediction each (None: the metric counts others)
     finished: bool = True               # the fit ran to its end (False after an error or Ctrl-C)
 
 @dataclass
@@ -71,7 +71,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #34f9cdb7
+# %% ../nbs/core/13_doctor.ipynb #17cfefb9
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -93,7 +93,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #639bd0c8
+# %% ../nbs/core/13_doctor.ipynb #4ad0016a
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -179,7 +179,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #02ccf135
+# %% ../nbs/core/13_doctor.ipynb #364dc33f
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -202,7 +202,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #8bb84f1c
+# %% ../nbs/core/13_doctor.ipynb #6e2925b6
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -211,15 +211,15 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #f50e75d7
+# %% ../nbs/core/13_doctor.ipynb #55990c1e
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
     if not train_loss > valid_loss:
         return []
     return [("underfitting", f"After the last epoch the training loss ({train_loss:.3g}) is still above the validation "
-                             f"loss ({valid_loss:.3g}): the model is under-fitting. Train longer (more epochs), or "
-                             "use a bigger model.")]
+                             f"loss ({valid_loss:.3g}, {train_loss / valid_loss - 1:.0%} above it): the model is "
+                             "under-fitting. Train longer (more epochs), or use a bigger model.")]
 
 def worsening(series: np.ndarray, direction: int) -> tuple:
     "`(best epoch, how much worse the last epoch is)` for a per-epoch series where `direction` says which way is better."
@@ -293,7 +293,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #d1c3d60c
+# %% ../nbs/core/13_doctor.ipynb #a0143d2d
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -315,8 +315,9 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     "`valid_too_small` or `gap_resolved`: can this validation set tell a difference of `claimed_gap` in the metric?"
     names = [name for name in history.metric_names[2:] if name in RATES]
     if not names or not history.n_valid or not history.values:
-        return [("cannot_tell_gap", f"The doctor knows the noise of an accuracy or error rate only (binomial), measured on a "
-                                    f"known number of validation items; this fit's metrics are {history.metric_names[2:]}.")]
+        return [("cannot_tell_gap", "The doctor knows the noise of an accuracy or error rate only (binomial), measured "
+                                    "on a known number of validation items (one prediction each); this fit's metrics "
+                                    f"are {history.metric_names[2:]}, its count of items {history.n_valid}.")]
     name = names[0]
     rate = float(history.values[-1][history.metric_names.index(name)])
     noise = rate_difference_error(rate, history.n_valid)
@@ -329,7 +330,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #02480d63
+# %% ../nbs/core/13_doctor.ipynb #63363960
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished")
 

@@ -14,8 +14,8 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'SummaryRow', '
            'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds', 'decode_preds', 'per_item_losses',
            'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks',
            'ResumeMixin', 'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows',
-           'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'finder_result', 'DoctorMixin', 'Learner',
-           'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
+           'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'finder_result', 'predictions_per_epoch',
+           'DoctorMixin', 'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -1201,6 +1201,12 @@ def finder_result(finder):
         return str(err)
     return FinderResult(minimum=suggested.minimum, steep=suggested.steep)
 
+def predictions_per_epoch(dls) -> int | None:
+    "The validation items, each one prediction that an accuracy counts; None for a language model (it counts tokens)."
+    if getattr(dls, "is_lm", False):
+        return None
+    return len(dls.valid.dataset)
+
 class DoctorMixin:
     "`doctor()`: the course's rules of thumb applied to the last fit and the last `lr_find`, each with its numbers."
     def doctor(self, claimed_gap: float | None = None) -> DoctorReport:
@@ -1211,7 +1217,7 @@ class DoctorMixin:
             return lr_find_only_report(len(finder.lrs))
         values = [[float(value) for value in row] for row in recorder.values]  # a metric may give a tensor
         history = FitHistory(recorder.metric_names, values, recorder.losses, recorder.lrs, recorder.beta,
-                             n_valid=len(self.dls.valid.dataset), finished=getattr(self, "finished", True))
+                             n_valid=predictions_per_epoch(self.dls), finished=getattr(self, "finished", True))
         return diagnose(history, finder_result(finder), claimed_gap=claimed_gap)
 
 

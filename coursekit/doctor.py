@@ -5,22 +5,22 @@ numbers behind it."""
 
 # %% auto #0
 __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIPLE', 'BARELY_MOVES', 'LOWER_IS_BETTER',
-           'HIGHER_IS_BETTER', 'RATES', 'LOSS_RISE', 'PROBLEMS', 'FitHistory', 'FinderResult', 'finding_title',
-           'DoctorReport', 'unsmoothed', 'loss_windows', 'describe_lr', 'finder_advice', 'difference_noise',
-           'non_finite_finding', 'divergence_finding', 'oscillation_finding', 'check_lr_too_high', 'check_lr_too_low',
-           'metric_direction', 'judged_metric', 'rate_difference_error', 'items_to_resolve', 'check_underfitting',
-           'worsening', 'overfitting_sentence', 'metric_overfitting', 'loss_overfitting', 'check_overfitting',
-           'check_fitting', 'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report',
-           'healthy_sentence', 'diagnose']
+           'HIGHER_IS_BETTER', 'RATES', 'LOSS_RISE', 'PROBLEMS', 'FITTING_WAITS', 'FitHistory', 'FinderResult',
+           'finding_title', 'DoctorReport', 'unsmoothed', 'loss_windows', 'describe_lr', 'finder_advice',
+           'difference_noise', 'non_finite_finding', 'divergence_finding', 'oscillation_finding', 'check_lr_too_high',
+           'check_lr_too_low', 'metric_direction', 'judged_metric', 'rate_difference_error', 'items_to_resolve',
+           'check_underfitting', 'worsening', 'overfitting_sentence', 'metric_overfitting', 'loss_overfitting',
+           'check_overfitting', 'check_fitting', 'check_lr_choice', 'check_claimed_gap', 'is_finder_run',
+           'lr_find_only_report', 'healthy_sentence', 'check_learning_rate', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #5f57c92f
+# %% ../nbs/core/13_doctor.ipynb #50720d4e
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #1a7d200d
+# %% ../nbs/core/13_doctor.ipynb #aa2847e3
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -71,7 +71,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #17cfefb9
+# %% ../nbs/core/13_doctor.ipynb #c0cb5d45
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -93,7 +93,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #4ad0016a
+# %% ../nbs/core/13_doctor.ipynb #c6ac8838
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -179,7 +179,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #364dc33f
+# %% ../nbs/core/13_doctor.ipynb #a0ba1a4b
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -202,7 +202,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #6e2925b6
+# %% ../nbs/core/13_doctor.ipynb #ad109241
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -211,7 +211,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #55990c1e
+# %% ../nbs/core/13_doctor.ipynb #76f35a9c
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -293,7 +293,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #a0143d2d
+# %% ../nbs/core/13_doctor.ipynb #dd3e2f0b
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -330,7 +330,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #63363960
+# %% ../nbs/core/13_doctor.ipynb #13c6533b
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished")
 
@@ -360,6 +360,16 @@ def healthy_sentence(history: FitHistory, batch_losses) -> str:
         sentence += f", the {rates[0]} {rate:.3g} ± {error:.2g} (two standard errors, {history.n_valid} items)"
     return sentence + "."
 
+def check_learning_rate(batch_losses: np.ndarray, lrs, finder=None) -> list:
+    "The learning rate judged from the batch losses: too high, too low, or too few batches to tell."
+    if len(batch_losses) < 4:
+        return [("cannot_tell_lr", f"Only {len(batch_losses)} training batches were recorded: too few to judge the "
+                                   "learning rate from the loss.")]
+    return check_lr_too_high(batch_losses, lrs, finder) or check_lr_too_low(batch_losses, lrs, finder)
+
+FITTING_WAITS = ("cannot_tell_fitting", "Under- and over-fitting cannot be judged while the learning rate is too high: "
+                                        "fix it first, then train again and ask the doctor.")
+
 def diagnose(history: FitHistory, finder=None, claimed_gap: float | None = None) -> DoctorReport:
     "The course's rules of thumb applied to one fit's `history` (and `lr_find`'s `FinderResult`, or why it has none)."
     if not history.values and not history.losses:
@@ -370,19 +380,10 @@ def diagnose(history: FitHistory, finder=None, claimed_gap: float | None = None)
         findings.append(("not_finished", f"The last fit stopped before its end (an error or an interruption) after "
                                          f"{len(history.values)} epoch(s): the doctor reads what it recorded."))
     batch_losses = unsmoothed(history.losses, history.beta)
-    lr_findings = []
-    if len(batch_losses) < 4:
-        findings.append(("cannot_tell_lr", f"Only {len(batch_losses)} training batches were recorded: too few to "
-                                           "judge the learning rate from the loss."))
-    else:
-        lr_findings = check_lr_too_high(batch_losses, history.lrs, finder) or \
-            check_lr_too_low(batch_losses, history.lrs, finder)
+    lr_findings = check_learning_rate(batch_losses, history.lrs, finder)
     findings += lr_findings
-    if lr_findings and lr_findings[0][0] == "lr_too_high":  # the epoch table of a loss that jumped says nothing yet
-        findings.append(("cannot_tell_fitting", "Under- and over-fitting cannot be judged while the learning rate is "
-                                                "too high: fix it first, then train again and ask the doctor."))
-    else:
-        findings += check_fitting(history)
+    lr_too_high = any(code == "lr_too_high" for code, _ in lr_findings)
+    findings += [FITTING_WAITS] if lr_too_high else check_fitting(history)  # a loss that jumped: the table says nothing
     findings += check_lr_choice(history.lrs, finder)
     if claimed_gap is not None:
         findings += check_claimed_gap(history, claimed_gap)

@@ -10,12 +10,10 @@ __all__ = ['LAUNCH_VARIABLES', 'BN_LAYERS', 'launched', 'group_ready', 'rank_dis
            'sync_buffers', 'wrap_ddp', 'with_sync_bn', 'free_port', 'launch_method', 'check_can_launch',
            'notebook_launcher']
 
-# %% ../nbs/core/12_distributed.ipynb #16c49fef
+# %% ../nbs/core/12_distributed.ipynb #9cce8c07
 import os
 import socket
-import sys
 import tempfile
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-# %% ../nbs/core/12_distributed.ipynb #75be8118
+# %% ../nbs/core/12_distributed.ipynb #43251d45
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def launched() -> bool:
@@ -52,7 +50,7 @@ def local_rank_distrib() -> int:
     "This process's rank on its own machine: which GPU it uses (0 when not distributed)."
     return int(os.environ.get("LOCAL_RANK", 0))
 
-# %% ../nbs/core/12_distributed.ipynb #35f295fd
+# %% ../nbs/core/12_distributed.ipynb #36971f35
 _JOINED = {"by_us": False}  # whether setup_distrib created the group (then teardown_distrib destroys it)
 
 def rank_device() -> torch.device:
@@ -86,7 +84,7 @@ def teardown_distrib():
         dist.destroy_process_group()
     _JOINED["by_us"] = False
 
-# %% ../nbs/core/12_distributed.ipynb #23770880
+# %% ../nbs/core/12_distributed.ipynb #a1a010e6
 def distrib_barrier():
     "Wait until every process gets here (nothing to wait for outside a process group)."
     if group_ready():
@@ -112,7 +110,7 @@ def rank0_first(func, *args, **kwargs):
     return result
 
 def write_on_rank0(write, *args, **kwargs):
-    "Call `write(*args, **kwargs)` on rank 0 only; in a process group every rank waits until it is done, and its error is raised on every rank."
+    "Call `write(*args, **kwargs)` on rank 0 only; in a process group the others wait for it, and its error stops all."
     if not group_ready():
         if rank_distrib() == 0:
             write(*args, **kwargs)
@@ -129,9 +127,9 @@ def write_on_rank0(write, *args, **kwargs):
     if message is not None:
         raise RuntimeError(f"Rank 0 failed to write a file, so this rank stops too: {message}")
 
-# %% ../nbs/core/12_distributed.ipynb #1a205ce6
+# %% ../nbs/core/12_distributed.ipynb #6f7f51a4
 class ShardSampler:
-    "Each epoch every rank draws the same seeded permutation, padded by repeats to a multiple of `world_size`, and takes every `world_size`-th index from `rank`."
+    "Every rank draws the epoch's seeded permutation, padded by repeats, and takes every `world_size`-th index from `rank`."
     def __init__(self, rank: int, world_size: int, seed: int = 0):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in 0..{world_size - 1} for world_size={world_size}, got {rank}")
@@ -166,7 +164,7 @@ class ShardSampler:
     def __repr__(self):
         return f"ShardSampler(rank={self.rank}, world_size={self.world_size}, seed={self.seed}, epoch={self.epoch})"
 
-# %% ../nbs/core/12_distributed.ipynb #1306479b
+# %% ../nbs/core/12_distributed.ipynb #d187ce8c
 def interleave(parts: list) -> torch.Tensor:
     "Tensors of the same shape, one per rank, dealt back in order: part 0's first row, part 1's first row, ..."
     return torch.stack(parts, dim=1).flatten(0, 1)
@@ -194,7 +192,7 @@ def sync_buffers(model: nn.Module):
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
-# %% ../nbs/core/12_distributed.ipynb #aa4fe29b
+# %% ../nbs/core/12_distributed.ipynb #c3c80933
 BN_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -212,7 +210,7 @@ def with_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-# %% ../nbs/core/12_distributed.ipynb #35454a22
+# %% ../nbs/core/12_distributed.ipynb #506cdd85
 def free_port() -> int:
     "A TCP port nobody listens on at the moment, on 127.0.0.1."
     with socket.socket() as probe:

@@ -1213,7 +1213,7 @@ def check_shardable(dls):
                             "ImageDataLoaders, DataLoaders.from_dsets); train this learner in one process.")
 
 class DistributedCallback(Callback):
-    "Added by `distrib_ctx`: DDP while a fit trains, each epoch's shared permutation, the loss averaged and validation gathered over the ranks."
+    "Added by `distrib_ctx`: DDP while a fit trains, the epoch's permutation, losses averaged, validation gathered."
     order = 1  # before LRFinder (10): its after_fit restores the weights into the plain model this callback gives back
 
     def __init__(self, device: torch.device):

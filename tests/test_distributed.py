@@ -6,7 +6,6 @@ This file is also the worker script torchrun runs: `python tests/test_distribute
 a small classifier inside `learn.distrib_ctx()` and writes what the tests compare into OUT (outside the learner's
 folder `OUT/learn`, where only rank 0 may write; an audit hook records every file each rank writes there)."""
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -92,7 +91,7 @@ def worker(out: Path, crash_rank: int | None, resume: str | None):
     rank = int(os.environ["RANK"])
     learn_folder = out / "learn"
     seen, folder = audit_writes(learn_folder)
-    cbs = [CSVLogger(append=resume is not None), SaveModelCallback(every_epoch=True)]
+    cbs = [CSVLogger(append=resume is not None), SaveModelCallback(every_epoch=True, with_opt=True)]
     if crash_rank is not None:
         cbs.append(CrashAt(crash_rank, epoch=1))
     learn = toy_learner(BS, learn_folder, cbs)
@@ -196,21 +195,33 @@ def test_two_machines_simulated_on_one(tmp_path):
     check_against_reference(out, tmp_path)
 
 
-def test_a_killed_rank_ends_the_job_and_the_fit_resumes(tmp_path):
-    out = tmp_path / "job"
+@pytest.fixture(scope="module")
+def killed_job(tmp_path_factory):
+    "A two-process job whose rank 1 is killed (SIGKILL) half way through epoch 1: its output and how long it took."
+    out = tmp_path_factory.mktemp("killed") / "job"
     start = time.monotonic()
     crashed = run_job(torchrun("--standalone", "--nproc_per_node", "2", __file__, "train", str(out),
                                "--crash-rank", "1"))
-    took = time.monotonic() - start
+    return out, crashed, time.monotonic() - start
+
+
+def test_a_killed_rank_ends_the_job_with_its_error(killed_job):
+    out, crashed, took = killed_job
     assert crashed.returncode != 0
     report = crashed.stdout + crashed.stderr
     assert "rank      : 1" in report and "Signal 9 (SIGKILL)" in report, report[-4000:]
     assert took < LAUNCH_TIMEOUT
     checkpoints = sorted(p.name for p in (out / "learn" / "models").glob("*.pth"))
     assert checkpoints == ["model_0.pth"], checkpoints   # epoch 1 died half way: epoch 0's checkpoint is the last
-    restored = toy_learner(BS, out / "learn").load("model_0", with_opt=False)
-    assert all(torch.isfinite(p).all() for p in restored.model.parameters())
-    # the same job, resumed from that checkpoint on both ranks, ends where an uninterrupted one does
+    restored = toy_learner(BS, out / "learn").load("model_0")
+    saved = torch.load(out / "learn" / "models" / "model_0.pth", weights_only=True)["model"]
+    for name, tensor in restored.model.state_dict().items():
+        assert torch.equal(tensor, saved[name])
+
+
+def test_the_killed_fit_resumes_on_every_rank(killed_job, tmp_path):
+    "The same job, resumed from the last checkpoint on both ranks, ends where an uninterrupted one does."
+    out, _, _ = killed_job
     resumed = run_job(torchrun("--standalone", "--nproc_per_node", "2", __file__, "train", str(out),
                                "--resume", "models/model_0.pth"))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]

@@ -21,6 +21,7 @@ from coursekit.callbacks import CSVLogger, SaveModelCallback
 from coursekit.core import exportable_spec, set_seed
 from coursekit.data.core import DataLoaders
 from coursekit.distributed import ShardSampler, free_port, rank_distrib
+from coursekit.interpret import ClassificationInterpretation
 from coursekit.learner import Callback, Learner, load_learner, simple_mlp
 from coursekit.metrics import accuracy, error_rate
 
@@ -94,17 +95,22 @@ def worker(out: Path, crash_rank: int | None, resume: str | None):
     cbs = [CSVLogger(append=resume is not None), SaveModelCallback(every_epoch=True, with_opt=True)]
     if crash_rank is not None:
         cbs.append(CrashAt(crash_rank, epoch=1))
-    learn = toy_learner(BS, learn_folder, cbs)
+    learn = toy_learner(BS, learn_folder)
     with learn.distrib_ctx():
+        suggested = learn.lr_find(num_it=10, show_plot=False)  # every rank in lockstep; the weights are restored
+        for cb in cbs:
+            learn.add_cb(cb)
         learn.fit(N_EPOCH, resume=None if resume is None else learn_folder / resume)
         seed = learn.dls.train.sampler.seed
         preds, targets = learn.get_preds()
+        confusion = ClassificationInterpretation.from_learner(learn).confusion_matrix()
         learn.save("final")
         learn.export()
         valid_again = learn.validate()
     result = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "seed": seed,
               "values": learn.recorder.values, "valid_again": valid_again,
-              "weights": weights(learn), "preds": preds, "targets": targets,
+              "weights": weights(learn), "preds": preds, "targets": targets, "confusion": confusion,
+              "suggested": tuple(suggested),
               "writes": [path for event, path in seen if path.startswith(folder)]}
     torch.save(result, out / f"rank{rank}.pt")  # each rank its own file, outside the learner's folder
 
@@ -128,7 +134,9 @@ def reference(seed: int, tmp_path: Path) -> dict:
     for dl in learn.dls:
         dl.sampler = None
     preds, targets = learn.get_preds()
-    return {"values": learn.recorder.values, "weights": weights(learn), "preds": preds, "targets": targets}
+    confusion = ClassificationInterpretation.from_learner(learn).confusion_matrix()
+    return {"values": learn.recorder.values, "weights": weights(learn), "preds": preds, "targets": targets,
+            "confusion": confusion}
 
 
 def environment() -> dict:
@@ -148,6 +156,7 @@ def check_against_reference(out: Path, tmp_path: Path, world_size: int = 2):
     ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
     assert [r["world_size"] for r in ranks] == [world_size] * world_size
     assert ranks[0]["seed"] == ranks[1]["seed"]
+    assert ranks[0]["suggested"] == ranks[1]["suggested"] and ranks[0]["suggested"][0] > 0   # lr_find in lockstep
     expected = reference(ranks[0]["seed"], tmp_path)
     for result in ranks:
         for name, tensor in expected["weights"].items():
@@ -158,6 +167,7 @@ def check_against_reference(out: Path, tmp_path: Path, world_size: int = 2):
         assert torch.equal(result["targets"], expected["targets"])          # every item once, in dataset order
         torch.testing.assert_close(result["preds"], expected["preds"], atol=1e-5, rtol=0)
         assert result["valid_again"][1:] == result["values"][-1][2:]
+        assert torch.equal(result["confusion"], expected["confusion"])     # Interpretation over the whole set
     learn_folder = str((out / "learn").resolve())
     written = {rank: {Path(p).name for p in ranks[rank]["writes"]} for rank in range(world_size)}
     writers = [rank for rank in range(world_size) if written[rank]]

@@ -15,8 +15,8 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'SummaryRow', '
            'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks',
            'ResumeMixin', 'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows',
            'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable',
-           'DistributedCallback', 'DistributedMixin', 'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range',
-           'SigmoidRange']
+           'same_named_modules', 'DistributedCallback', 'DistributedMixin', 'Learner', 'load_learner', 'simple_mlp',
+           'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -1212,6 +1212,12 @@ def check_shardable(dls):
                             "Data-parallel training works with coursekit.data.core.DataLoader (DataBlock, "
                             "ImageDataLoaders, DataLoaders.from_dsets); train this learner in one process.")
 
+def same_named_modules(source: nn.Module, target: nn.Module, modules: list) -> list:
+    "The modules of `target` named as `modules` are in `source` (a conversion such as SyncBatchNorm's keeps the names)."
+    names = {id(module): name for name, module in source.named_modules()}
+    found = dict(target.named_modules())
+    return [found[names[id(module)]] for module in modules if id(module) in names]
+
 class DistributedCallback(Callback):
     "Added by `distrib_ctx`: DDP while a fit trains, the epoch's permutation, losses averaged, validation gathered."
     order = 1  # before LRFinder (10): its after_fit restores the weights into the plain model this callback gives back
@@ -1283,6 +1289,7 @@ class DistributedMixin:
         try:
             self.dls.to(device)
             self.model = with_sync_bn(model.to(device), device) if sync_bn else model.to(device)
+            self.held_bn = same_named_modules(model, self.model, self.held_bn)  # train_bn=False holds the converted layers
             for dl in self.dls:
                 dl.sampler = ShardSampler(rank_distrib(), num_distrib())
             for cb in bars:
@@ -1300,6 +1307,7 @@ class DistributedMixin:
                     self.add_cb(cb)
             for dl in self.dls:
                 dl.sampler = None
+            self.held_bn = same_named_modules(self.model, model, self.held_bn)
             self.model = model.to(home)
             self.dls.to(home)
             teardown_distrib()

@@ -107,6 +107,8 @@ def worker(out: Path, crash_rank: int | None, resume: str | None):
         learn.save("final")
         learn.export()
         valid_again = learn.validate()
+    assert type(learn.model).__name__ == "Sequential" and learn.dls.train.sampler is None   # a plain learner again
+    learn.export("after.ck")                                                                # by rank 0, as any script
     result = {"rank": rank, "world_size": int(os.environ["WORLD_SIZE"]), "seed": seed,
               "values": learn.recorder.values, "valid_again": valid_again,
               "weights": weights(learn), "preds": preds, "targets": targets, "confusion": confusion,
@@ -173,7 +175,7 @@ def check_against_reference(out: Path, tmp_path: Path, world_size: int = 2):
     writers = [rank for rank in range(world_size) if written[rank]]
     assert writers == [0], f"files written by rank(s) {writers} under {learn_folder}: {written}"
     finals = {p.name for p in Path(learn_folder).rglob("*") if p.is_file()}
-    assert {"history.csv", "final.pth", "export.ck", "model_0.pth", "model_2.pth"} <= finals
+    assert {"history.csv", "final.pth", "export.ck", "after.ck", "model_0.pth", "model_2.pth"} <= finals
     assert len((out / "learn" / "history.csv").read_text().splitlines()) == N_EPOCH + 1
     exported = load_learner(out / "learn" / "export.ck", device="cpu")
     for name, tensor in exported.model.state_dict().items():

@@ -14,8 +14,10 @@ import textwrap
 import time
 from pathlib import Path
 
+import nbformat
 import pytest
 import torch
+from nbclient import NotebookClient
 
 from coursekit.callbacks import CSVLogger, SaveModelCallback
 from coursekit.core import exportable_spec, set_seed
@@ -276,9 +278,7 @@ def test_notebook_launcher_runs_a_function_defined_in_main(tmp_path):
     assert "Traceback" in done.stdout and "Worker 1 of 2 raised the error above" in done.stdout
 
 
-def test_notebook_launcher_from_a_jupyter_kernel(tmp_path):
-    nbformat = pytest.importorskip("nbformat")
-    from nbclient import NotebookClient
+def test_notebook_launcher_from_a_jupyter_kernel(tmp_path, monkeypatch):
     cells = [textwrap.dedent("""
         import torch, torch.distributed as dist
         from coursekit.distributed import notebook_launcher, rank_distrib, setup_distrib, teardown_distrib
@@ -291,7 +291,7 @@ def test_notebook_launcher_from_a_jupyter_kernel(tmp_path):
             return total.item()
         print("launched:", notebook_launcher(train, args=(2.,), num_processes=2))""")]
     notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell) for cell in cells])
-    os.environ["PYTHONPATH"] = str(ROOT)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
     NotebookClient(notebook, timeout=90, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     shown = "".join(output.get("text", "") for output in notebook.cells[0].outputs)
     assert "launched: 6.0" in shown, notebook.cells[0].outputs

@@ -19,7 +19,7 @@ from torchvision.models import resnet18, resnet34, resnet50
 
 from . import core as _core, losses as _losses, schedule as _schedule, metrics as _metrics
 from . import persist as _persist, learner as _learner, callbacks as _callbacks, interpret as _interpret
-from . import from_fastai as _from_fastai
+from . import doctor as _doctor, distributed as _distributed, from_fastai as _from_fastai
 from .data import external as _external, core as _data_core
 from .vision import data as _vision_data, learner as _vision_learner, utils as _vision_utils
 from .vision import widgets as _vision_widgets, multilabel as _multilabel, unet as _unet
@@ -28,6 +28,7 @@ from .text import core as _text_core, data as _text_data, models as _text_models
 from .tabular import data as _tabular_data, learner as _tabular_lib, collab as _collab
 
 _MODULES = [_core, _losses, _external, _data_core, _schedule, _metrics, _persist, _learner, _callbacks, _interpret,
+            _doctor, _distributed,
             _vision_data, _vision_learner, _vision_utils, _vision_widgets, _multilabel, _unet, _segmentation,
             _text_core, _text_data, _text_models, _text_learner,
             _tabular_data, _tabular_lib, _collab, _from_fastai]
@@ -44,6 +45,8 @@ from .persist import *
 from .learner import *
 from .callbacks import *
 from .interpret import *
+from .doctor import *
+from .distributed import *
 from .vision.data import *
 from .vision.learner import *
 from .vision.utils import *

@@ -246,7 +246,7 @@ UPLOAD_PAGE = """<!doctype html>
 <title>coursekit: what is in this photo?</title>
 <style>
  body { font-family: system-ui, sans-serif; max-width: 40rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
- #drop { border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; cursor: pointer; }
+ #drop { display: block; border: 2px dashed #888; border-radius: 8px; padding: 2rem; text-align: center; cursor: pointer; }
  #drop.over { background: #eef; }
  #preview { max-width: 100%; max-height: 320px; display: none; margin: 1rem auto; }
  #label { font-size: 1.6rem; font-weight: bold; }

@@ -7,6 +7,8 @@ import json
 import socket
 import struct
 import sys
+import threading
+import time
 import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -291,22 +293,30 @@ def encode_form(data: bytes) -> tuple:
     return request.headers["content-type"], request.read()
 
 
-def test_requests_waiting_when_the_server_stops_get_an_error(learn):
-    predictor = serving.BatchPredictor(learn)
+def test_requests_running_or_waiting_when_the_server_stops_get_an_error(learn, monkeypatch):
+    "Stopping the worker answers the batch in flight and the queue with an error: no request waits for ever."
+    started = threading.Event()
+    predict_images = serving.predict_images
+
+    def slow_predict_images(*args):
+        started.set()
+        time.sleep(0.5)
+        return predict_images(*args)
+
+    monkeypatch.setattr(serving, "predict_images", slow_predict_images)
+    predictor = serving.BatchPredictor(learn, max_batch=1)
     image = torch.zeros(3, 8, 8, dtype=torch.uint8)
 
-    async def stop_with_one_waiting():
+    async def stop_while_busy():
         await predictor.start()
-        predictor._worker.cancel()  # a worker that never takes it
+        running = asyncio.ensure_future(predictor.predict(image))
         waiting = asyncio.ensure_future(predictor.predict(image))
-        await asyncio.sleep(0.01)
+        while not started.is_set():
+            await asyncio.sleep(0.01)
         await predictor.stop()
-        return await asyncio.gather(waiting, return_exceptions=True)
+        return await asyncio.wait_for(asyncio.gather(running, waiting, return_exceptions=True), timeout=10)
 
-    result = threading_run(stop_with_one_waiting())
-    assert isinstance(result[0], RuntimeError) and "stopped" in str(result[0])
-
-
-def threading_run(coro):
     with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+        results = pool.submit(asyncio.run, stop_while_busy()).result()
+    assert [type(r) for r in results] == [RuntimeError, RuntimeError], results
+    assert all("stopped before this image was predicted" in str(r) for r in results)

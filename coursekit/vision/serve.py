@@ -6,8 +6,8 @@ and `GET /health`, with the requests that arrive together run as one batch."""
 # %% auto #0
 __all__ = ['MAX_UPLOAD_BYTES', 'UPLOAD_FIELD', 'IMAGE_FORMATS', 'HOW_TO_SEND', 'UPLOAD_PAGE', 'DEFAULT_HOST', 'UploadError',
            'multipart_boundary', 'MultipartParts', 'too_large', 'upload_field', 'read_upload', 'decode_upload',
-           'prediction_record', 'check_servable', 'predict_images', 'BatchPredictor', 'ModelServer', 'serve',
-           'BackgroundServer']
+           'prediction_record', 'check_servable', 'predict_images', 'BatchPredictor', 'fail_requests', 'ModelServer',
+           'serve', 'BackgroundServer']
 
 # %% ../../nbs/lessons/01c_production_lib.ipynb #da5aecea
 import asyncio
@@ -198,9 +198,8 @@ class BatchPredictor:
         self._worker.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._worker
-        while not self._queue.empty():
-            _, future = self._queue.get_nowait()
-            future.set_exception(RuntimeError("The server stopped before this image was predicted."))
+        waiting = [self._queue.get_nowait() for _ in range(self._queue.qsize())]
+        fail_requests(waiting, RuntimeError("The server stopped before this image was predicted."))
 
     async def predict(self, image: torch.Tensor) -> dict:
         "The `prediction_record` of one decoded image, computed in a batch with the images waiting beside it."
@@ -208,9 +207,9 @@ class BatchPredictor:
         await self._queue.put((image, future))
         return await future
 
-    async def next_batch(self) -> list:
-        "The first waiting request, then those arriving within `max_wait` seconds, up to `max_batch`."
-        batch = [await self._queue.get()]
+    async def fill_batch(self, batch: list):
+        "Append to `batch` the first waiting request, then those arriving within `max_wait` seconds, up to `max_batch`."
+        batch.append(await self._queue.get())
         deadline = asyncio.get_running_loop().time() + self.max_wait
         while len(batch) < self.max_batch:
             remaining = deadline - asyncio.get_running_loop().time()
@@ -220,22 +219,36 @@ class BatchPredictor:
                 batch.append(await asyncio.wait_for(self._queue.get(), max(remaining, 0)))
             except asyncio.TimeoutError:
                 break
-        return batch
+
+    async def answer(self, batch: list):
+        "Predict a batch on a thread and put each answer (or the model's error) in its request's future."
+        self.batch_sizes.append(len(batch))
+        images = [image for image, _ in batch]
+        try:
+            records = await asyncio.to_thread(predict_images, self.learn, images, self.top_k)
+        except Exception as err:  # the model failed: every request of the batch gets the error
+            fail_requests(batch, err)
+            return
+        for (_, future), record in zip(batch, records):
+            if not future.done():
+                future.set_result(record)
 
     async def _run(self):
-        while True:
-            batch = await self.next_batch()
-            self.batch_sizes.append(len(batch))
-            images = [image for image, _ in batch]
-            try:
-                records = await asyncio.to_thread(predict_images, self.learn, images, self.top_k)
-            except Exception as err:  # the model failed: every request of the batch gets the error
-                for _, future in batch:
-                    future.set_exception(err)
-                continue
-            for (_, future), record in zip(batch, records):
-                if not future.cancelled():
-                    future.set_result(record)
+        batch = []
+        try:
+            while True:
+                batch = []
+                await self.fill_batch(batch)
+                await self.answer(batch)
+        except asyncio.CancelledError:  # stopped: the requests taken from the queue are answered with an error
+            fail_requests(batch, RuntimeError("The server stopped before this image was predicted."))
+            raise
+
+def fail_requests(batch: list, err: Exception):
+    "Answer every request of `batch` that still waits with the error `err`."
+    for _, future in batch:
+        if not future.done():
+            future.set_exception(err)
 
 # %% ../../nbs/lessons/01c_production_lib.ipynb #4bc085b3
 UPLOAD_PAGE = """<!doctype html>

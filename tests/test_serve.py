@@ -320,3 +320,17 @@ def test_requests_running_or_waiting_when_the_server_stops_get_an_error(learn, m
         results = pool.submit(asyncio.run, stop_while_busy()).result()
     assert [type(r) for r in results] == [RuntimeError, RuntimeError], results
     assert all("stopped before this image was predicted" in str(r) for r in results)
+
+
+def test_a_failing_model_is_a_500_with_a_message(learn, monkeypatch):
+    def broken_predict_images(*args):
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(serving, "predict_images", broken_predict_images)
+    photo = mirror_photos()[0].read_bytes()
+    with TestClient(ModelServer(learn).app, raise_server_exceptions=False) as test_client:
+        response = test_client.post("/predict", files={"file": ("p.jpg", photo)})
+        assert response.status_code == 500
+        assert response.json() == {"error": "The server failed on this request: RuntimeError: the model broke"}
+        monkeypatch.undo()
+        assert test_client.post("/predict", files={"file": ("p.jpg", photo)}).status_code == 200

@@ -336,7 +336,7 @@ class ModelServer:
         self.predictor = BatchPredictor(learn, max_batch=max_batch, max_wait=max_wait, top_k=top_k)
         routes = [Route("/", self.home), Route("/predict", self.predict, methods=["POST"]),
                   Route("/health", self.health)]
-        self.app = Starlette(routes=routes, lifespan=self.lifespan)
+        self.app = Starlette(routes=routes, lifespan=self.lifespan, exception_handlers={Exception: self.failed})
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app):
@@ -346,6 +346,11 @@ class ModelServer:
             yield
         finally:
             await self.predictor.stop()
+
+    async def failed(self, request: Request, err: Exception) -> JSONResponse:
+        "A 500 `{error}` naming the failure (uvicorn still logs the traceback): the page can show it."
+        return JSONResponse({"error": f"The server failed on this request: {type(err).__name__}: {err}"},
+                            status_code=500)
 
     async def home(self, request: Request) -> HTMLResponse:
         "The upload page."

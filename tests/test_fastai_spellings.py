@@ -503,6 +503,7 @@ def test_tabular_predict_returns_fastai_row_clas_probs(tmp_path):
     assert row["salary"].iloc[0] == learn.dls.vocab[int(clas)]
     assert clas.ndim == 0 and int(clas) == int(probs.argmax())
     assert probs.shape == (2,) and float(probs.sum()) == pytest.approx(1, abs=1e-5)
+    learn.path = tmp_path
     loaded = load_learner(learn.export("people.ck"), device="cpu")
     loaded_row, loaded_clas, loaded_probs = loaded.predict(df.iloc[1])
     pd.testing.assert_frame_equal(loaded_row, row)

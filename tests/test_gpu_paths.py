@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import coursekit.learner
-from coursekit.core import set_seed
+from coursekit.core import prefetch, set_seed
 from coursekit.data.core import DataLoaders
 from coursekit.learner import (Callback, Learner, LRFinder, TrainingDefaults, bf16_native, device_defaults,
                                fused_adam, learner_defaults)
@@ -335,3 +335,17 @@ def test_lr_find_leaves_weights_optimizer_and_random_state():
             assert torch.equal(restored[index][key], value), (index, key)
     parameters_in_opt = [param for group in learn.opt.param_groups for param in group["params"]]
     assert all(a is b for a, b in zip(parameters_in_opt, learn.model.parameters()))
+
+
+def test_prefetched_batches_are_the_loaders_batches():
+    "A CUDA loader's path (collate in a background thread, then the transfer) gives the batches of the plain path, in order."
+    dls = image_dls(n=96, bs=16)
+    loader = dls.train
+    set_seed(5)
+    plain = list(loader)
+    set_seed(5)
+    order = loader._index_batches()  # drawn in this thread, as __iter__ does, before the thread starts
+    prefetched = [loader._to_device(batch) for batch in prefetch(loader._cpu_batches(*order), ahead=2)]
+    assert len(prefetched) == len(plain) == 4
+    for (images, labels), (plain_images, plain_labels) in zip(prefetched, plain):
+        assert torch.equal(images, plain_images) and torch.equal(labels, plain_labels)

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 import torch.utils.data as tud
 
-from ..core import default_device, exportable, exportable_spec, build_exportable
+from ..core import default_device, exportable, exportable_spec, build_exportable, prefetch
 from ..from_fastai import FastaiName, renamed_keywords
 from ..losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 
@@ -405,10 +405,17 @@ class DataLoader:
             sample = tfm(sample, self.kinds, self.training)
         return sample
 
+    def _cpu_batches(self, index_batches: list, dropped: list):
+        "Each batch of the epoch collated on the CPU; in pinned (page-locked) memory when it goes to a CUDA device."
+        pin = self.device.type == "cuda"
+        for samples in self._prepared_batches(index_batches, dropped):
+            batch = _collate([self._finish_item(s) for s in samples])
+            yield tuple(x.pin_memory() if pin and isinstance(x, torch.Tensor) else x for x in batch)
+
     def _to_device(self, batch: tuple) -> tuple:
-        cuda = self.device.type == "cuda"
-        return tuple(x.pin_memory().to(self.device, non_blocking=True) if cuda and isinstance(x, torch.Tensor)
-                     else x.to(self.device) if isinstance(x, torch.Tensor) else x for x in batch)
+        "The batch on the device; from pinned memory the copy does not wait (it is queued before the GPU's next work)."
+        non_blocking = self.device.type == "cuda"
+        return tuple(x.to(self.device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x for x in batch)
 
     def apply_batch_tfms(self, batch: tuple) -> tuple:
         "Run the batch transforms (the train-only ones only when training) on a batch already on the device."
@@ -419,8 +426,10 @@ class DataLoader:
         return batch
 
     def __iter__(self):
-        for samples in self._prepared_batches(*self._index_batches()):
-            batch = _collate([self._finish_item(s) for s in samples])
+        batches = self._cpu_batches(*self._index_batches())  # the order is drawn here, in the caller's thread
+        if self.device.type == "cuda":  # collate and pin the next batch in a thread while the GPU computes
+            batches = prefetch(batches)
+        for batch in batches:
             yield self.apply_batch_tfms(self._to_device(batch))
 
     def one_batch(self) -> tuple:

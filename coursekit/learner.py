@@ -1339,7 +1339,11 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
         self.opt = None
         self.model_spec = None
         self._use_precision(precision or defaults.precision)
-        self._use_memory_format(defaults.channels_last if channels_last is None else channels_last)
+        self.channels_last = False  # the model's layout as given: only to_channelslast() changes it
+        if channels_last is None:
+            channels_last = defaults.channels_last
+        if channels_last:
+            self.to_channelslast()
         # the state callbacks read and write
         self.training = False
         self.epoch = 0

@@ -6,9 +6,9 @@ and augments whole batches, and `DataBlock`, which describes a dataset in a few 
 # %% auto #0
 __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms', 'IntToFloat', 'TransformBlock', 'block_spec',
            'show_image', 'Categorize', 'sorted_vocab', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock',
-           'as_sample', 'ListDataset', 'DataLoader', 'BlockDataset', 'DataLoaders', 'result_title', 'RandomSplitter',
-           'IndexSplitter', 'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label',
-           'RegexLabeller', 'ColReader', 'Datasets', 'DataBlock']
+           'as_sample', 'ListDataset', 'DataLoader', 'BlockDataset', 'check_loaders', 'DataLoaders', 'result_title',
+           'RandomSplitter', 'IndexSplitter', 'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter',
+           'parent_label', 'RegexLabeller', 'ColReader', 'Datasets', 'DataBlock']
 
 # %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
@@ -331,6 +331,7 @@ class DataLoader:
         self.training = shuffle if training is None else training
         self._kinds = None if kinds is None else tuple(kinds)
         self._cached: dict | None = None if cache is False else {}
+        self.sampler = None  # set by `learn.distrib_ctx()`: this process's share of each epoch (`n_items`, `indices`)
 
     @property
     def kinds(self) -> tuple:
@@ -345,8 +346,20 @@ class DataLoader:
         return getattr(self.dataset, "items", self.dataset)
 
     def __len__(self):
-        n = len(self.dataset)
+        n = self.n_items()
         return n // self.bs if self.drop_last else -(-n // self.bs)
+
+    def n_items(self) -> int:
+        "How many items an epoch goes through: the dataset, or this process's share of it under a `sampler`."
+        n = len(self.dataset)
+        return n if self.sampler is None else self.sampler.n_items(n)
+
+    def epoch_order(self) -> torch.Tensor:
+        "The dataset indices of one epoch, in order: shuffled or not, only this process's share under a `sampler`."
+        n = len(self.dataset)
+        if self.sampler is not None:
+            return self.sampler.indices(n, self.shuffle)
+        return torch.randperm(n) if self.shuffle else torch.arange(n)
 
     def to(self, device):
         "Send future batches to `device`; returns self."
@@ -355,8 +368,7 @@ class DataLoader:
 
     def _index_batches(self) -> tuple:
         "The batches of indices for one epoch, and the indices `drop_last` leaves out of it."
-        n = len(self.dataset)
-        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        order = self.epoch_order()
         batches = [b.tolist() for b in order.split(self.bs) if len(b)]  # an empty dataset gives no batch at all
         dropped = batches.pop() if self.drop_last and batches and len(batches[-1]) < self.bs else []
         return batches, dropped
@@ -521,10 +533,21 @@ def _are_rows(items) -> bool:
     "True for a DataFrame or a list of rows (Series)."
     return isinstance(items, pd.DataFrame) or (len(items) > 0 and all(isinstance(o, pd.Series) for o in items))
 
+# %% ../../nbs/core/03_data_core.ipynb #864ac34e
+def check_loaders(train, valid):
+    "Refuse PyTorch's `torch.utils.data.DataLoader` as either half of a `DataLoaders`, saying how to make coursekit's."
+    for role, dl in (("train", train), ("valid", valid)):
+        if isinstance(dl, tud.DataLoader):
+            raise TypeError(f"DataLoaders({role}=...) got PyTorch's torch.utils.data.DataLoader; it needs coursekit's, which "
+                            "puts batches on the device and knows what their elements are: "
+                            "DataLoader(dataset, bs=64, shuffle=True) from coursekit.data.core (shuffle the training one only), "
+                            "or DataLoaders.from_dsets(train_ds, valid_ds, bs=64).")
+
 # %% ../../nbs/core/03_data_core.ipynb #f63715bd
 class DataLoaders:
     "A training and a validation `DataLoader`, with the blocks that say what their samples are, and the data folder `path`."
     def __init__(self, train: DataLoader, valid: DataLoader, blocks: Sequence | None = None, path="."):
+        check_loaders(train, valid)
         self.train, self.valid = train, valid
         self.path = Path(path)  # the data's folder: where a learner built on these loaders saves its models
         if blocks is None:

@@ -968,7 +968,6 @@ class CompileMixin:
         problem = self._compile_problem()
         self.compiled = problem is None
         if problem is not None:
-            self.model._compiled_call_impl = None  # nn.Module.compile's attribute: the model runs eagerly again
             print(f"torch.compile is not available here, so the model runs without it: {problem}")
         return self
 
@@ -984,7 +983,7 @@ class CompileMixin:
                 self.model(*inputs)
         except Exception as err:  # compilers fail in many ways: the eager run below tells the model's own errors apart
             first_line = (str(err).strip().splitlines() or [""])[0]
-            self.model._compiled_call_impl = None
+            self.model._compiled_call_impl = None  # nn.Module.compile's attribute: the model runs eagerly again
             with torch.no_grad(), self.autocast():
                 self.model(*inputs)  # an error here is the model's, not the compiler's: it propagates
             return f"{type(err).__name__}: {first_line}"

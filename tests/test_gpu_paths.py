@@ -9,6 +9,7 @@ is tested with a compiler made to fail (the one-line fallback) and, when the CPU
 What needs a GPU itself (cuDNN's kernels, fp16 on tensor cores, pinned-memory transfers) cannot run here.
 """
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -349,3 +350,36 @@ def test_prefetched_batches_are_the_loaders_batches():
     assert len(prefetched) == len(plain) == 4
     for (images, labels), (plain_images, plain_labels) in zip(prefetched, plain):
         assert torch.equal(images, plain_images) and torch.equal(labels, plain_labels)
+
+
+class CountingLearner(Learner):
+    "A learner that counts the lines of Python executed inside each training step (`sys.settrace`)."
+    def one_batch(self, batch):
+        lines = [0]
+
+        def count(frame, event, arg):
+            lines[0] += event == "line"
+            return count
+
+        sys.settrace(count)
+        try:
+            super().one_batch(batch)
+        finally:
+            sys.settrace(None)
+        if self.training:
+            self.step_lines.append(lines[0])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_training_step_has_no_per_item_python(channels_last):
+    "The step runs as many lines of Python for a batch of 32 items as for a batch of 8: nothing runs once per item."
+    counts = {}
+    for bs in (8, 32):
+        learn = CountingLearner(image_dls(n=160, bs=bs), small_convnet(), loss_func=CrossEntropyLossFlat(), cbs=[],
+                                channels_last=channels_last, precision="bf16")
+        learn.step_lines = []
+        set_seed(0)
+        with learn.no_bar():
+            learn.fit(2)
+        counts[bs] = learn.step_lines[len(learn.step_lines) // 2:]  # the second epoch: caches and lazy set-up are done
+    assert len(set(counts[8])) == 1 and set(counts[8]) == set(counts[32]), counts

@@ -18,7 +18,7 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'TrainingDefaul
            'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows', 'summary_table',
            'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable', 'same_named_modules',
            'DistributedCallback', 'DistributedMixin', 'finder_result', 'predictions_per_epoch', 'DoctorMixin',
-           'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
+           'Learner', 'inference_precision', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -1679,13 +1679,21 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
 # %% ../nbs/core/06_learner.ipynb #59c83839
 PRECISION_SETTERS = {"fp32": Learner.to_fp32, "fp16": Learner.to_fp16, "bf16": Learner.to_bf16}
 
-def load_learner(fname, device=None, max_params: int = DEFAULT_MAX_PARAMS) -> Learner:
-    "A learner for inference from `Learner.export`'s file, on `device` (default: the best available)."
+def inference_precision(saved: str, device: torch.device) -> str:
+    "The precision an export runs in on `device`: the one it was trained in on CUDA, else fp32 (mixed precision is slow on most CPUs)."
+    if device.type == "cuda":
+        return saved
+    return "fp32"
+
+def load_learner(fname, device=None, max_params: int = DEFAULT_MAX_PARAMS, precision: str | None = None) -> Learner:
+    "A learner for inference from `Learner.export`'s file, on `device` (default: the best available); `precision` overrides the choice."
+    if precision is not None and precision not in PRECISION_SETTERS:
+        raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISION_SETTERS)}.")
     contents = read_export(fname, max_params=max_params)
     dls = contents.dls.to(device if device is not None else default_device())
     learn = Learner(dls, contents.model, loss_func=contents.loss_func)
     learn.model_spec = contents.model_spec
-    PRECISION_SETTERS[contents.precision](learn)
+    PRECISION_SETTERS[precision or inference_precision(contents.precision, learn.device)](learn)
     return learn
 
 # %% ../nbs/core/06_learner.ipynb #aa65c475

@@ -1680,13 +1680,13 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
 PRECISION_SETTERS = {"fp32": Learner.to_fp32, "fp16": Learner.to_fp16, "bf16": Learner.to_bf16}
 
 def inference_precision(saved: str, device: torch.device) -> str:
-    "The precision an export runs in on `device`: the one it was trained in on CUDA, else fp32 (mixed precision is slow on most CPUs)."
+    "The precision an export runs in on `device`: its training one on CUDA, else fp32 (slow on most CPUs otherwise)."
     if device.type == "cuda":
         return saved
     return "fp32"
 
 def load_learner(fname, device=None, max_params: int = DEFAULT_MAX_PARAMS, precision: str | None = None) -> Learner:
-    "A learner for inference from `Learner.export`'s file, on `device` (default: the best available); `precision` overrides the choice."
+    "A learner for inference from `Learner.export`'s file, on `device` (default: the best available)."
     if precision is not None and precision not in PRECISION_SETTERS:
         raise ValueError(f"precision={precision!r} is not one of {', '.join(PRECISION_SETTERS)}.")
     contents = read_export(fname, max_params=max_params)

@@ -12,7 +12,7 @@ __all__ = ['LSTM_WEIGHT_NAMES', 'CUDNN_LSTM_MODE', 'awd_lstm_lm_config', 'awd_ls
            'awd_lstm_lm_split', 'awd_lstm_clas_split', 'load_vocab_pickle', 'match_embeddings', 'load_pretrained_lm',
            'load_pretrained_encoder']
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #d75201e4
+# %% ../../nbs/lessons/04c_text_models.ipynb #e40b5453
 import pickle
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core import exportable
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #2e457b1c
+# %% ../../nbs/lessons/04c_text_models.ipynb #1c27967c
 class RNNDropout(nn.Module):
     "Locked dropout: one mask per sequence, shared by every time step of a `(bs, seq_len, n)` input."
     def __init__(self, p: float = 0.5):
@@ -128,7 +128,7 @@ class WeightDropout(nn.Module):
                 return self._lstm(x.float(), None if hidden is None else tuple(h.float() for h in hidden))
         return self._lstm(x, hidden)
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #993692b3
+# %% ../../nbs/lessons/04c_text_models.ipynb #4feea798
 class AWD_LSTM(nn.Module):
     "The AWD-LSTM encoder: embedding (with embedding dropout), `n_layers` LSTMs with weight dropout, locked dropout between."
     def __init__(self, vocab_sz: int, emb_sz: int, n_hid: int, n_layers: int, pad_token: int = 1,
@@ -161,7 +161,7 @@ class AWD_LSTM(nn.Module):
         self.hidden = new_hidden
         return out
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #b853dc81
+# %% ../../nbs/lessons/04c_text_models.ipynb #f117cd21
 class LinearDecoder(nn.Module):
     "Output dropout, then a linear layer to one score per word of the vocabulary (weights tied to `tie_encoder`)."
     def __init__(self, n_out: int, n_hid: int, output_p: float = 0.1, tie_encoder: nn.Module | None = None, bias: bool = True):
@@ -203,7 +203,7 @@ def get_language_model(vocab_sz: int, config: dict, drop_mult: float = 1.0) -> S
     tie = encoder.encoder if cfg.get("tie_weights", True) else None
     return SequentialRNN(encoder, LinearDecoder(vocab_sz, cfg["emb_sz"], cfg["output_p"], tie, cfg.get("out_bias", True)))
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #0a985de0
+# %% ../../nbs/lessons/04c_text_models.ipynb #0cdc6a11
 class SentenceEncoder(nn.Module):
     "Run an AWD-LSTM over a padded batch in chunks of `bptt`; returns outputs of the last `max_len` tokens and their pad mask."
     def __init__(self, module: AWD_LSTM, bptt: int = 72, max_len: int = 72 * 20, pad_idx: int = 1):
@@ -260,7 +260,7 @@ def get_text_classifier(vocab_sz: int, n_class: int, config: dict, drop_mult: fl
     ps = [cfg["output_p"]] + [0.1] * len(lin_ftrs) if ps is None else [p * drop_mult for p in ps]
     return SequentialRNN(SentenceEncoder(encoder, bptt, max_len, cfg["pad_token"]), PoolingLinearClassifier(dims, ps))
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #e156393b
+# %% ../../nbs/lessons/04c_text_models.ipynb #4dec5998
 def awd_lstm_lm_split(model: SequentialRNN) -> list:
     "Parameter groups of a language model: each LSTM layer, then embedding + decoder (tied, so together)."
     enc = model[0]
@@ -274,7 +274,7 @@ def awd_lstm_clas_split(model: SequentialRNN) -> list:
     enc = model[0].module
     return [list(enc.encoder.parameters())] + [list(rnn.parameters()) for rnn in enc.rnns] + [list(model[1].parameters())]
 
-# %% ../../nbs/lessons/04c_text_models.ipynb #5973a00b
+# %% ../../nbs/lessons/04c_text_models.ipynb #7f594b6d
 class _StringListUnpickler(pickle.Unpickler):
     "An unpickler that refuses every global: only lists, strings and numbers can come out."
     def find_class(self, module, name):

@@ -56,3 +56,45 @@ def test_the_kernel_is_called_without_nn_lstm_forward():
     out, (h, c) = wd(torch.randn(2, 3, 4))
     assert calls == []
     assert out.shape == (2, 3, 6) and h.shape == c.shape == (1, 2, 6)
+
+
+def test_the_cudnn_branch_hands_the_kernel_views_into_one_buffer(monkeypatch):
+    "The GPU branch, run on the CPU with a made-up layout (gaps included): same numbers, weights viewed in one buffer."
+    import coursekit.text.models as models
+
+    wd = WeightDropout(torch.nn.LSTM(4, 6, batch_first=True), 0.5).train()
+    sizes = [24 * 4, 24 * 6, 24, 24]
+    offsets = (8, 8 + sizes[0] + 3, 8 + sizes[0] + 3 + sizes[1], 8 + sizes[0] + 3 + sizes[1] + sizes[2] + 5)
+    total = offsets[-1] + sizes[-1] + 2
+    asked = []
+
+    def made_up_layout(module, weights):
+        asked.append([tuple(w.shape) for w in weights])
+        return offsets, total
+
+    seen = []
+    real_lstm = torch._VF.lstm
+
+    def recording_lstm(x, hidden, weights, *args):
+        seen.append(weights)
+        return real_lstm(x, hidden, weights, *args)
+
+    x = torch.randn(2, 3, 4)
+    torch.manual_seed(5)
+    reference, _ = wd(x)
+    reference.sum().backward()
+    reference_grads = [p.grad.clone() for p in wd.parameters()]
+    wd.zero_grad()
+    monkeypatch.setattr(models, "_uses_cudnn", lambda x, weights: True)
+    monkeypatch.setattr(models, "cudnn_weight_layout", made_up_layout)
+    monkeypatch.setattr(torch._VF, "lstm", recording_lstm)
+    for _ in range(2):
+        torch.manual_seed(5)
+        out, _ = wd(x)
+    out.sum().backward()
+    assert torch.equal(out, reference)
+    assert all(torch.equal(g, p.grad) for g, p in zip(reference_grads, wd.parameters()))
+    assert asked == [[(24, 4), (24, 6), (24,), (24,)]]                                          # asked once, then kept
+    base = seen[-1][0].data_ptr() - offsets[0] * 4
+    assert [w.data_ptr() - base for w in seen[-1]] == [o * 4 for o in offsets]
+    assert seen[-1][0].untyped_storage().nbytes() == total * 4

@@ -22,7 +22,7 @@ from nbclient import NotebookClient
 import coursekit
 
 # %% ../nbs/core/09_cli.ipynb #26582ba9
-LESSONS = {"pets": "01_pets.ipynb", "cleaning": "01b_cleaning.ipynb", "planet": "02_planet.ipynb",
+LESSONS = {"pets": "01_pets.ipynb", "cleaning": "01b_cleaning.ipynb", "sgd": "02b_sgd.ipynb", "planet": "02_planet.ipynb",
            "segmentation": "03_segmentation.ipynb", "imdb": "04_imdb.ipynb", "tabular": "05_tabular.ipynb",
            "collab": "06_collab.ipynb"}
 

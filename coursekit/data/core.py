@@ -7,8 +7,9 @@ and augments whole batches, and `DataBlock`, which describes a dataset in a few 
 __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms', 'IntToFloat', 'TransformBlock', 'block_spec',
            'show_image', 'Categorize', 'sorted_vocab', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock',
            'as_sample', 'on_host', 'decode_device', 'ListDataset', 'DataLoader', 'BlockDataset', 'build_cache',
-           'DataLoaders', 'result_title', 'RandomSplitter', 'IndexSplitter', 'FuncSplitter', 'GrandparentSplitter',
-           'FileSplitter', 'ColSplitter', 'parent_label', 'RegexLabeller', 'ColReader', 'Datasets', 'DataBlock']
+           'check_loaders', 'DataLoaders', 'result_title', 'RandomSplitter', 'IndexSplitter', 'FuncSplitter',
+           'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label', 'RegexLabeller', 'ColReader',
+           'Datasets', 'DataBlock']
 
 # %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
@@ -573,10 +574,21 @@ def build_cache(dl: DataLoader, chunk_size: int = 256) -> DataLoader:
             break
     return dl
 
+# %% ../../nbs/core/03_data_core.ipynb #864ac34e
+def check_loaders(train, valid):
+    "Refuse PyTorch's `torch.utils.data.DataLoader` as either half of a `DataLoaders`, saying how to make coursekit's."
+    for role, dl in (("train", train), ("valid", valid)):
+        if isinstance(dl, tud.DataLoader):
+            raise TypeError(f"DataLoaders({role}=...) got PyTorch's torch.utils.data.DataLoader; it needs coursekit's, which "
+                            "puts batches on the device and knows what their elements are: "
+                            "DataLoader(dataset, bs=64, shuffle=True) from coursekit.data.core (shuffle the training one only), "
+                            "or DataLoaders.from_dsets(train_ds, valid_ds, bs=64).")
+
 # %% ../../nbs/core/03_data_core.ipynb #f63715bd
 class DataLoaders:
     "A training and a validation `DataLoader`, with the blocks that say what their samples are, and the data folder `path`."
     def __init__(self, train: DataLoader, valid: DataLoader, blocks: Sequence | None = None, path="."):
+        check_loaders(train, valid)
         self.train, self.valid = train, valid
         self.path = Path(path)  # the data's folder: where a learner built on these loaders saves its models
         if blocks is None:

@@ -18,6 +18,7 @@ import torch
 
 from .core import atomic_write
 from .learner import Callback, CancelFitException, LRFinder
+from .distributed import rank_distrib, write_on_rank0
 
 # %% ../nbs/core/10_callbacks.ipynb #fde522fb
 class TrackerCallback(Callback):
@@ -92,7 +93,8 @@ class SaveModelCallback(TrackerCallback):
             if learn.epoch % self.every_epoch == 0:
                 self.last_saved = learn.save_training_state(self.file(learn, f"{self.fname}_{learn.epoch}"), self.with_opt)
         elif self.new_best:
-            print(f"Better model found at epoch {learn.epoch} with {self.monitor} value: {self.best}.")
+            if rank_distrib() == 0:
+                print(f"Better model found at epoch {learn.epoch} with {self.monitor} value: {self.best}.")
             self.last_saved = learn.save_training_state(self.file(learn, self.fname), self.with_opt)
 
     def after_fit(self, learn):
@@ -210,7 +212,7 @@ class CSVLogger(Callback):
     def _write(self):
         "The whole file, anew, through `atomic_write`."
         text = "\n".join(self.lines) + "\n"
-        atomic_write(self.path, lambda f: f.write(text.encode()))
+        write_on_rank0(atomic_write, self.path, lambda f: f.write(text.encode()))  # under distrib_ctx, rank 0 only
 
     def read_log(self) -> pd.DataFrame:
         "The log written so far, as a DataFrame."

@@ -24,7 +24,7 @@ import coursekit
 # %% ../nbs/core/09_cli.ipynb #26582ba9
 LESSONS = {"pets": "01_pets.ipynb", "cleaning": "01b_cleaning.ipynb", "sgd": "02b_sgd.ipynb", "planet": "02_planet.ipynb",
            "segmentation": "03_segmentation.ipynb", "imdb": "04_imdb.ipynb", "tabular": "05_tabular.ipynb",
-           "collab": "06_collab.ipynb"}
+           "collab": "06_collab.ipynb", "distributed": "01d_distributed.ipynb"}
 
 def lessons_folder() -> Path:
     "The folder of lesson notebooks: `$COURSEKIT_LESSONS`, else `nbs/lessons` of the checkout coursekit runs from."

@@ -14,8 +14,9 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'SummaryRow', '
            'ParamGroupsMixin', 'PrecisionMixin', 'activate_preds', 'decode_preds', 'per_item_losses',
            'PredictionCollector', 'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks',
            'ResumeMixin', 'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows',
-           'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'Learner', 'load_learner', 'simple_mlp',
-           'sigmoid_range', 'SigmoidRange']
+           'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable',
+           'same_named_modules', 'DistributedCallback', 'DistributedMixin', 'finder_result', 'predictions_per_epoch',
+           'DoctorMixin', 'Learner', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -35,12 +36,17 @@ from torch import nn
 from tqdm import tqdm
 
 from .core import default_device, defer_interrupt, exportable, in_notebook
+from .doctor import DoctorReport, FinderResult, FitHistory, diagnose, is_finder_run, lr_find_only_report
 from .metrics import AvgMetric, items_in_batch, weighted_mean
 from .persist import (DEFAULT_MAX_PARAMS, check_weights_fit, load_optimizer_state, read_checkpoint, read_export,
                                save_checkpoint, write_export)
 from .schedule import one_cycle_schedules, sched_exp
 from .persist import read_training_checkpoint, restore_rng_states, rng_states, save_training_checkpoint
 from .from_fastai import FastaiName, renamed_keywords
+from .data.core import DataLoader
+from .distributed import (ShardSampler, broadcast_object, distrib_barrier, gather_batch, launched, mean_over_ranks,
+                                   num_distrib, rank_distrib, setup_distrib, sync_buffers, teardown_distrib, with_sync_bn,
+                                   wrap_ddp, write_on_rank0)
 
 # %% ../nbs/core/06_learner.ipynb #311f6356
 EVENTS = ("before_fit", "before_epoch", "before_train", "before_batch", "after_pred", "after_loss",
@@ -967,7 +973,9 @@ class PersistenceMixin:
     def save(self, name: str, with_opt: bool = True) -> Path:
         "Save the weights (and optimizer state) to `path/model_dir/name.pth`, atomically; returns the file."
         opt = self.opt if with_opt else None
-        return save_checkpoint(self.path / self.model_dir / f"{name}.pth", self.model, opt)
+        file = self.path / self.model_dir / f"{name}.pth"
+        write_on_rank0(save_checkpoint, file, self.model, opt)  # under distrib_ctx: rank 0 writes, the others wait
+        return file
 
     def load(self, name: str, with_opt: bool = True):
         "Load what `save(name)` wrote (tensors only); when that fails the weights stay as they were. Returns the learner."
@@ -983,7 +991,9 @@ class PersistenceMixin:
 
     def export(self, fname="export.ck") -> Path:
         "Write weights, model spec, data spec and loss to a zip at `path/fname`, atomically, if `load_learner` gives it back."
-        return write_export(self.path / fname, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
+        file = self.path / fname
+        write_on_rank0(write_export, file, self.model, self.model_spec, self.dls, self.loss_func, self.precision)
+        return file
 
 # %% ../nbs/core/06_learner.ipynb #24390e47
 def _brief(value, most: int = 100) -> str:
@@ -1040,7 +1050,8 @@ class ResumeMixin:
                     "scaler": self.scaler.state_dict(),
                     "callbacks": callbacks,
                     "rng": rng_states()}
-        return save_training_checkpoint(file, self.model, self.opt if with_opt else None, training)
+        write_on_rank0(save_training_checkpoint, file, self.model, self.opt if with_opt else None, training)
+        return Path(file)
 
     def restore_training_state(self, file) -> int:
         "Load the fit a checkpoint holds, once it is known to match this one; returns the epoch to start at."
@@ -1189,9 +1200,154 @@ class TTAMixin:
             return torch.maximum(aug_preds, preds), targets
         return torch.lerp(aug_preds, preds, beta), targets
 
+# %% ../nbs/core/06_learner.ipynb #4a25fe32
+def shardable(dl) -> bool:
+    "True for a loader that draws its batches through `DataLoader.epoch_order`, so that a `sampler` deals each process its share."
+    return isinstance(dl, DataLoader) and type(dl).__iter__ is DataLoader.__iter__
+
+def check_shardable(dls):
+    "Refuse, naming it, a loader that draws its own batches: `distrib_ctx` could not give each process its share."
+    for name, dl in (("train", dls.train), ("valid", dls.valid)):
+        if not shardable(dl):
+            raise TypeError(f"distrib_ctx cannot share out dls.{name}, a {type(dl).__name__}: it draws its own batches. "
+                            "Data-parallel training works with coursekit.data.core.DataLoader (DataBlock, "
+                            "ImageDataLoaders, DataLoaders.from_dsets); train this learner in one process.")
+
+def same_named_modules(source: nn.Module, target: nn.Module, modules: list) -> list:
+    "The modules of `target` named as `modules` are in `source` (a conversion such as SyncBatchNorm's keeps the names)."
+    names = {id(module): name for name, module in source.named_modules()}
+    found = dict(target.named_modules())
+    return [found[names[id(module)]] for module in modules if id(module) in names]
+
+class DistributedCallback(Callback):
+    "Added by `distrib_ctx`: DDP while a fit trains, the epoch's permutation, losses averaged, validation gathered."
+    order = 1  # before LRFinder (10): its after_fit restores the weights into the plain model this callback gives back
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.ddp = None
+
+    def before_fit(self, learn):
+        self.ddp = wrap_ddp(learn.model, self.device)  # anew each fit: DDP syncs the parameters trainable when built
+        learn.dls.train.sampler.seed = broadcast_object(int(torch.randint(2**31 - 1, ())))  # rank 0's draw, for all
+
+    def before_epoch(self, learn):
+        learn.dls.train.sampler.set_epoch(learn.epoch)
+
+    def before_train(self, learn):
+        learn.model = self.ddp
+
+    def after_batch(self, learn):
+        if learn.training and learn.loss is not None and num_distrib() > 1:
+            learn.loss = mean_over_ranks(learn.loss)  # what the recorder and lr_find see: the same on every rank
+
+    def after_train(self, learn):
+        self.unwrap(learn)
+
+    def before_validate(self, learn):
+        self.unwrap(learn)
+        sync_buffers(learn.model)  # every rank predicts with rank 0's batch-norm statistics
+
+    def after_pred(self, learn):
+        sampler = getattr(learn.dl, "sampler", None)
+        if learn.training or sampler is None:
+            return
+        n_inputs = len(learn.xb)
+        start = learn.iter * learn.dl.bs * sampler.world_size
+        gathered = gather_batch((learn.pred, *learn.xb, *learn.yb), len(learn.dl.dataset), start)
+        learn.pred = gathered[0]
+        learn.xb = gathered[1:1 + n_inputs]
+        learn.yb = gathered[1 + n_inputs:]
+
+    def after_epoch(self, learn):
+        self.unwrap(learn)
+
+    def after_fit(self, learn):
+        self.unwrap(learn)
+        self.ddp = None
+
+    def unwrap(self, learn):
+        "Give the learner its plain model back (the one inside the DDP wrapper)."
+        if self.ddp is not None:
+            learn.model = self.ddp.module
+
+class DistributedMixin:
+    "Data-parallel training: `with learn.distrib_ctx(): learn.fine_tune(...)` under torchrun or `notebook_launcher`."
+    @contextmanager
+    def distrib_ctx(self, sync_bn: bool = True, timeout_s: float = 600):
+        "Under torchrun: DDP, each rank's share of the data, gathered validation, files and progress from rank 0; undone on exit."
+        if not launched():
+            print("distrib_ctx: not started by torchrun or notebook_launcher, so this learner trains in this one process.")
+            yield self
+            return
+        check_shardable(self.dls)
+        device = setup_distrib(timeout_s)
+        model = self.model
+        home = self.dls.device
+        bars = [cb for cb in self.cbs if isinstance(cb, ProgressCallback)]
+        shown = [cb.notebook for cb in bars]
+        callback = DistributedCallback(device)
+        try:
+            self.dls.to(device)
+            self.model = with_sync_bn(model.to(device), device) if sync_bn else model.to(device)
+            self.held_bn = same_named_modules(model, self.model, self.held_bn)  # train_bn=False holds the converted layers
+            for dl in self.dls:
+                dl.sampler = ShardSampler(rank_distrib(), num_distrib())
+            for cb in bars:
+                cb.notebook = False  # plain text: a launched worker has no display of its own
+                if rank_distrib() != 0:
+                    self.remove_cb(cb)
+            self.add_cb(callback)
+            distrib_barrier()
+            yield self
+        finally:
+            self.remove_cb(callback)
+            for cb, notebook in zip(bars, shown):
+                cb.notebook = notebook
+                if cb not in self.cbs:
+                    self.add_cb(cb)
+            for dl in self.dls:
+                dl.sampler = None
+            self.held_bn = same_named_modules(self.model, model, self.held_bn)
+            self.model = model.to(home)
+            self.dls.to(home)
+            teardown_distrib()
+
+
+# %% ../nbs/core/06_learner.ipynb #11bdafc0
+def finder_result(finder):
+    "What `diagnose` needs from an `LRFinder`: a `FinderResult`, the reason it has no suggestions, or None without one."
+    if finder is None:
+        return None
+    try:
+        suggested, _ = finder.suggestions((minimum, steep))
+    except ValueError as err:  # too few steps to suggest anything: the doctor says so
+        return str(err)
+    return FinderResult(minimum=suggested.minimum, steep=suggested.steep)
+
+def predictions_per_epoch(dls) -> int | None:
+    "The validation items, each one prediction that an accuracy counts; None for a language model (it counts tokens)."
+    if getattr(dls, "is_lm", False):
+        return None
+    return len(dls.valid.dataset)
+
+class DoctorMixin:
+    "`doctor()`: the course's rules of thumb applied to the last fit and the last `lr_find`, each with its numbers."
+    def doctor(self, claimed_gap: float | None = None) -> DoctorReport:
+        "What the rules say about the last fit (lr, under-/over-fitting, lr_find, noise); `claimed_gap`: a metric difference."
+        finder = getattr(self, "lr_finder", None)  # set by lr_find
+        recorder = self.recorder
+        if finder is not None and is_finder_run(recorder.lrs, finder.lrs):
+            return lr_find_only_report(len(finder.lrs))
+        values = [[float(value) for value in row] for row in recorder.values]  # a metric may give a tensor
+        history = FitHistory(recorder.metric_names, values, recorder.losses, recorder.lrs, recorder.beta,
+                             n_valid=predictions_per_epoch(self.dls), finished=getattr(self, "finished", True))
+        return diagnose(history, finder_result(finder), claimed_gap=claimed_gap)
+
+
 # %% ../nbs/core/06_learner.ipynb #1ce09702
 class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin, PersistenceMixin, ResumeMixin,
-              SummaryMixin, TTAMixin):
+              SummaryMixin, TTAMixin, DoctorMixin, DistributedMixin):
     "Trains `model` on `dls` with `loss_func`: the training loop and its callbacks, and the recipes built on it."
     def __init__(self, dls, model: nn.Module, loss_func=None, opt_func=torch.optim.Adam, lr: float = 1e-3,
                  metrics=None, cbs=None, wd: float | None = None, splitter=trainable_params, path=None,

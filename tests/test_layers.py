@@ -11,7 +11,7 @@ APPLICATIONS = ("vision", "text", "tabular")
 NOTEBOOK_FACING = {"coursekit.all"}  # the one star-import module: it gathers everything on purpose
 # Shared machinery, lowest first: a module may import only modules of a strictly lower rank.
 SHARED_RANK = {"coursekit.core": 0, "coursekit.from_fastai": 0, "coursekit.losses": 1, "coursekit.schedule": 1,
-               "coursekit.metrics": 1,
+               "coursekit.metrics": 1, "coursekit.doctor": 1, "coursekit.distributed": 1,
                "coursekit.data.external": 1, "coursekit.cli": 1, "coursekit.data.core": 2, "coursekit.persist": 3,
                "coursekit.learner": 4, "coursekit.callbacks": 5, "coursekit.interpret": 5}
 

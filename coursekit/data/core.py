@@ -367,6 +367,7 @@ class DataLoader:
         self.training = shuffle if training is None else training
         self._kinds = None if kinds is None else tuple(kinds)
         self._cached: dict | None = None if cache is False else {}
+        self.sampler = None  # set by `learn.distrib_ctx()`: this process's share of each epoch (`n_items`, `indices`)
 
     @property
     def kinds(self) -> tuple:
@@ -381,8 +382,20 @@ class DataLoader:
         return getattr(self.dataset, "items", self.dataset)
 
     def __len__(self):
-        n = len(self.dataset)
+        n = self.n_items()
         return n // self.bs if self.drop_last else -(-n // self.bs)
+
+    def n_items(self) -> int:
+        "How many items an epoch goes through: the dataset, or this process's share of it under a `sampler`."
+        n = len(self.dataset)
+        return n if self.sampler is None else self.sampler.n_items(n)
+
+    def epoch_order(self) -> torch.Tensor:
+        "The dataset indices of one epoch, in order: shuffled or not, only this process's share under a `sampler`."
+        n = len(self.dataset)
+        if self.sampler is not None:
+            return self.sampler.indices(n, self.shuffle)
+        return torch.randperm(n) if self.shuffle else torch.arange(n)
 
     def to(self, device):
         "Send future batches to `device`; returns self."
@@ -391,8 +404,7 @@ class DataLoader:
 
     def _index_batches(self) -> tuple:
         "The batches of indices for one epoch, and the indices `drop_last` leaves out of it."
-        n = len(self.dataset)
-        order = torch.randperm(n) if self.shuffle else torch.arange(n)
+        order = self.epoch_order()
         batches = [b.tolist() for b in order.split(self.bs) if len(b)]  # an empty dataset gives no batch at all
         dropped = batches.pop() if self.drop_last and batches and len(batches[-1]) < self.bs else []
         return batches, dropped

@@ -44,8 +44,8 @@ class Interpretation:
         return list(items)
 
     def top_losses(self, k: int | None = None, largest: bool = True):
-        "The `k` largest losses (all by default) and the indices of their items."
-        return self.losses.topk(k or len(self.losses), largest=largest)
+        "The `k` largest losses (all by default, at most all) and the indices of their items."
+        return self.losses.topk(min(k or len(self.losses), len(self.losses)), largest=largest)
 
     def _item_image(self, idx: int):
         "The image of item `idx`, as something `imshow` draws."

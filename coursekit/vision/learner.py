@@ -256,7 +256,8 @@ def image_channels(dls) -> int:
         return channels
     xb = dls.one_batch()[0]
     if xb.ndim != 4:
-        raise ValueError(f"cnn_learner needs batches of images (N, channels, H, W); these inputs have shape {tuple(xb.shape)}.")
+        raise ValueError("cnn_learner and unet_learner need batches of images (N, channels, H, W); "
+                         f"these inputs have shape {tuple(xb.shape)}.")
     return xb.shape[1]
 
 def check_n_in(dls, n_in: int | None) -> int:
@@ -264,7 +265,7 @@ def check_n_in(dls, n_in: int | None) -> int:
     channels = image_channels(dls)
     if n_in is not None and n_in != channels:
         raise ValueError(f"n_in={n_in}, but the DataLoaders give images with {channels} channel(s): pass n_in={channels}, "
-                         "or leave n_in out (cnn_learner reads it from the data).")
+                         "or leave n_in out (the learner reads it from the data).")
     return channels
 
 def cnn_learner(dls, arch="resnet34", metrics=None, pretrained: bool = True, n_out: int | None = None,

@@ -159,6 +159,13 @@ def test_segmentation_titles_read_actual_then_predicted():
     assert [ax.get_title() for ax in plt.gcf().axes] == [f"actual (loss {losses[0]:.2f})", "predicted",
                                                           f"actual (loss {losses[1]:.2f})", "predicted"]
     plt.close("all")
+    interp.plot_top_losses(2, nrows=2)  # fastai's nrows=: one pair a row
+    assert {ax.get_subplotspec().rowspan.start for ax in plt.gcf().axes} == {0, 1}
+    plt.close("all")
+    interp.plot_top_losses(2)  # two pairs a row by default
+    assert {ax.get_subplotspec().rowspan.start for ax in plt.gcf().axes} == {0}
+    plt.close("all")
+    assert len(interp.top_losses(10_000)[0]) == len(interp.losses)  # more than there are: all of them
 
 
 DISPLAY_SETUP = """

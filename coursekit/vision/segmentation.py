@@ -16,6 +16,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from ..interpret import grid_ncols
+
 # %% ../../nbs/lessons/03_segmentation_lib.ipynb #869b0db8
 VOID_NAMES = ("void", "unlabelled", "unlabeled", "ignore")
 
@@ -147,16 +149,17 @@ class SegmentationInterpretation:
 
     def top_losses(self, k: int | None = None) -> tuple:
         "(losses, indices) of the `k` images with the highest loss (all of them by default), highest first."
-        return self.losses.topk(len(self.losses) if k is None else k)
+        return self.losses.topk(len(self.losses) if k is None else min(k, len(self.losses)))
 
     def iou_table(self) -> pd.DataFrame:
         "Per-class IoU over the whole DataLoader (see `iou_table`)."
         return iou_table(self.confusion, self.learn.dls.vocab, self.void_code)
 
-    def plot_top_losses(self, k: int = 4, ncols: int = 2) -> None:
-        "Draw the actual and predicted masks of the `k` worst images side by side, the actual one titled with the loss."
+    def plot_top_losses(self, k: int = 4, ncols: int | None = None, nrows: int | None = None) -> None:
+        "Draw the actual and predicted masks of the `k` worst images side by side (`ncols` pairs a row, or `nrows` rows)."
         losses, idxs = self.top_losses(k)
-        self.learn.dls.show_results((self.inputs[idxs], self.targs[idxs]), self.decoded[idxs], max_n=k, ncols=ncols)
+        ncols = grid_ncols(len(idxs), ncols if ncols or nrows else 2, nrows)
+        self.learn.dls.show_results((self.inputs[idxs], self.targs[idxs]), self.decoded[idxs], max_n=len(idxs), ncols=ncols)
         axs = plt.gcf().axes
         for i, loss in enumerate(losses.tolist()):
             axs[2 * i].set_title(f"actual (loss {loss:.2f})", fontsize=9)

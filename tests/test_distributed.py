@@ -31,8 +31,8 @@ from coursekit.metrics import accuracy, error_rate
 from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
 from coursekit.tabular.learner import TabularModel, get_emb_sz
 from coursekit.text.data import TextDataLoaders
-from coursekit.text.learner import text_classifier_learner
-from coursekit.text.models import awd_lstm_clas_config
+from coursekit.text.learner import language_model_learner, text_classifier_learner
+from coursekit.text.models import awd_lstm_clas_config, awd_lstm_lm_config
 from coursekit.vision.data import ImageDataLoaders, aug_transforms
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -354,6 +354,18 @@ def text_learner_for(bs: int, cache: Path) -> Learner:
     return learn
 
 
+def language_model_for(bs: int, cache: Path) -> Learner:
+    "A tiny AWD-LSTM language model without dropout on the same reviews: streams of `bs` rows per process."
+    dls = TextDataLoaders.from_df(imdb_frame(), text_col="text", label_col="label", valid_col="is_valid", is_lm=True,
+                                  bs=bs, seq_len=16, n_workers=1, cache_dir=cache, device="cpu")
+    set_seed(0)
+    config = dict(awd_lstm_lm_config, emb_sz=16, n_hid=24, n_layers=1)
+    learn = language_model_learner(dls, config=config, drop_mult=0.0, pretrained=False)
+    learn.opt_func = torch.optim.SGD
+    learn.lr = LR
+    return learn
+
+
 def without_batch_norm(model: torch.nn.Module):
     "Replace the batch-norm and dropout layers of `model` (the classifier's head) by identities, in place."
     for module in model.modules():
@@ -384,6 +396,14 @@ class CountSteps(Callback):
             self.steps += 1
 
 
+def predictions(learn: Learner, case: str) -> tuple:
+    "`get_preds()`; for a language model (whose batches differ in length, which get_preds cannot stack) `validate()`."
+    if case != "lm":
+        return learn.get_preds()
+    figures = learn.validate()
+    return torch.tensor(figures), torch.tensor(figures[1])   # loss, accuracy, perplexity; accuracy exactly
+
+
 class FirstEpochCache(Callback):
     "The indices of the items this process's training loader cached in the first epoch (its share of it)."
     def __init__(self):
@@ -399,6 +419,8 @@ def build_case(case: str, bs: int, folder: Path) -> Learner:
         return tabular_learner_for(bs)
     if case == "text":
         return text_learner_for(bs, folder / f"tokens{os.environ.get('RANK', '')}")
+    if case == "lm":
+        return language_model_for(bs, folder / f"tokens{os.environ.get('RANK', '')}")
     return image_learner_for(bs)
 
 
@@ -409,13 +431,14 @@ def case_worker(case: str, out: Path):
     steps = CountSteps()
     cache = FirstEpochCache()
     learn.add_cb(steps)
-    learn.add_cb(cache)
+    if case == "images":
+        learn.add_cb(cache)
     with learn.distrib_ctx():
         with learn.no_bar():
             learn.fit(CASE_EPOCHS)
         seed = learn.dls.train.sampler.seed
-        preds, targets = learn.get_preds()
-    alone_preds, alone_targets = learn.get_preds()   # the same weights, in this one process: what validation must give
+        preds, targets = predictions(learn, case)
+    alone_preds, alone_targets = predictions(learn, case)   # the same weights, in this one process: what validation must give
     result = {"alone_preds": alone_preds, "alone_targets": alone_targets,
               "rank": rank, "seed": seed, "steps": steps.steps, "values": learn.recorder.values,
               "weights": weights(learn), "preds": preds, "targets": targets, "cached": cache.indices,
@@ -433,7 +456,7 @@ def case_reference(case: str, seed: int, tmp_path: Path) -> dict:
         dl.sampler = ShardSampler(0, 1, seed=seed)
     with learn.no_bar():
         learn.fit(CASE_EPOCHS)
-    preds, targets = learn.get_preds()
+    preds, targets = predictions(learn, case)
     return {"steps": steps.steps, "values": learn.recorder.values, "weights": weights(learn), "preds": preds,
             "targets": targets}
 
@@ -481,6 +504,12 @@ def test_a_text_classifier_with_sortish_batches_trains_as_one_process(tmp_path):
     check_trains_as_one(ranks, case_reference("text", ranks[0]["seed"], tmp_path / "reference"))
 
 
+def test_a_language_model_trains_as_one_process_with_the_combined_rows(tmp_path):
+    "The stream is cut into `bs` rows per process and the rows dealt: batch k of all = one process's with all the rows."
+    ranks = run_case("lm", tmp_path)
+    check_trains_as_one(ranks, case_reference("lm", ranks[0]["seed"], tmp_path / "reference"))
+
+
 def test_cached_images_with_augmentation_on_the_device_are_shared_out(tmp_path):
     ranks = run_case("images", tmp_path)
     check_validation_as_one(ranks)
@@ -493,7 +522,7 @@ def test_cached_images_with_augmentation_on_the_device_are_shared_out(tmp_path):
 
 def main():
     parser = argparse.ArgumentParser(description="The worker torchrun runs for tests/test_distributed.py")
-    parser.add_argument("mode", choices=["train", "tabular", "text", "images"])
+    parser.add_argument("mode", choices=["train", "tabular", "text", "lm", "images"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--crash-rank", type=int, default=None)
     parser.add_argument("--resume", default=None)

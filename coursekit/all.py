@@ -23,13 +23,13 @@ from . import doctor as _doctor, distributed as _distributed, from_fastai as _fr
 from .data import external as _external, core as _data_core
 from .vision import data as _vision_data, learner as _vision_learner, utils as _vision_utils
 from .vision import widgets as _vision_widgets, multilabel as _multilabel, unet as _unet
-from .vision import segmentation as _segmentation
+from .vision import segmentation as _segmentation, serve as _serve
 from .text import core as _text_core, data as _text_data, models as _text_models, learner as _text_learner
 from .tabular import data as _tabular_data, learner as _tabular_lib, collab as _collab
 
 _MODULES = [_core, _losses, _external, _data_core, _schedule, _metrics, _persist, _learner, _callbacks, _interpret,
             _doctor, _distributed,
-            _vision_data, _vision_learner, _vision_utils, _vision_widgets, _multilabel, _unet, _segmentation,
+            _vision_data, _vision_learner, _vision_utils, _vision_widgets, _multilabel, _unet, _segmentation, _serve,
             _text_core, _text_data, _text_models, _text_learner,
             _tabular_data, _tabular_lib, _collab, _from_fastai]
 _NOTEBOOK_NAMES = ["np", "pd", "torch", "nn", "F", "partial", "Path", "plt", "resnet18", "resnet34", "resnet50"]
@@ -54,6 +54,7 @@ from .vision.widgets import *
 from .vision.multilabel import *
 from .vision.unet import *
 from .vision.segmentation import *
+from .vision.serve import *
 from .text.core import *
 from .text.data import *
 from .text.models import *

@@ -5,11 +5,16 @@ fails with an error that names coursekit's spelling."""
 
 # %% auto #0
 __all__ = ['ImageDataBunch', 'DataBunch', 'ImageList', 'get_transforms', 'vision_learner', 'create_cnn', 'TabularPandas',
-           'TabularList', 'TextLMDataBunch', 'TextClasDataBunch', 'TextList', 'CollabDataBunch', 'FastaiName',
-           'renamed_keywords']
+           'TabularList', 'TextLMDataBunch', 'TextClasDataBunch', 'TextList', 'CollabDataBunch',
+           'ImageClassifierCleaner', 'L', 'FastaiName', 'renamed_keywords', 'using_attr', 'tensor']
 
 # %% ../nbs/core/11_from_fastai.ipynb #ca2f6ccd
 import functools
+import numbers
+
+import numpy as np
+import pandas as pd
+import torch
 
 # %% ../nbs/core/11_from_fastai.ipynb #c7f60bfb
 class FastaiName:
@@ -71,3 +76,25 @@ TextClasDataBunch = FastaiName("TextClasDataBunch", "TextDataLoaders",
 TextList = FastaiName("TextList", "TextDataLoaders", "TextDataLoaders.from_df(df, text_col='text', is_lm=True)")
 CollabDataBunch = FastaiName("CollabDataBunch", "CollabDataLoaders",
                              "CollabDataLoaders.from_df(ratings, item_name='title', bs=64)")
+ImageClassifierCleaner = FastaiName("ImageClassifierCleaner", "ImageCleaner.from_toplosses", "ImageCleaner.from_toplosses(learn)")
+L = FastaiName("L", "a plain list", "[f.name for f in files] or list(path.iterdir()) (fastcore's L is not used here)")
+
+# %% ../nbs/core/11_from_fastai.ipynb #cd852ee9
+def _apply_to_attr(f, attr: str, o):
+    "`f(o.attr)`."
+    return f(getattr(o, attr))
+
+def using_attr(f, attr: str):
+    "fastcore's `using_attr`: a function of `o` that returns `f(getattr(o, attr))`, e.g. `using_attr(labeller, 'name')`."
+    return functools.partial(_apply_to_attr, f, attr)
+
+def tensor(x, *rest) -> torch.Tensor:
+    "fastai's `tensor`: from numbers (`tensor(1, 2, 3)`), a list, an array, a pandas Series or a PIL image; float64 -> float32."
+    if rest:
+        x = (x, *rest)
+    if isinstance(x, torch.Tensor):
+        return x
+    if isinstance(x, (pd.Series, pd.DataFrame)):
+        x = x.to_numpy()
+    result = torch.tensor(x) if isinstance(x, (tuple, list, numbers.Number)) else torch.from_numpy(np.array(x))
+    return result.float() if result.dtype == torch.float64 else result

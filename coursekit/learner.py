@@ -954,9 +954,10 @@ class PredictionMixin:
         return collector.result(with_decoded)
 
     def predict(self, item):
-        "Predict one item: `(decoded label, decoded tensor, probabilities)`."
-        probs, _, decoded = self.get_preds(dl=self.dls.test_dl([item]), with_decoded=True)
-        return self.dls.decode_target(decoded[0]), decoded[0], probs[0]
+        "Predict one item: `(decoded label, decoded tensor, probabilities)` (tabular: fastai's `(row, clas, probs)`)."
+        dl = self.dls.test_dl([item])
+        probs, _, decoded = self.get_preds(dl=dl, with_decoded=True)
+        return self.dls.decode_prediction(dl, decoded[0], probs[0])
 
     @renamed_keywords(rows="max_n")
     def show_results(self, max_n: int = 9) -> None:
@@ -1516,14 +1517,42 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, PredictionMixin,
 
     @renamed_keywords(max_lr="base_lr", callbacks="cbs")
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,
-                  pct_start: float = 0.3, div: float = 5.0, wd: float | None = None, cbs=None):
-        "Transfer learning as fastai does it: train the head frozen, then everything with discriminative rates."
+                  pct_start: float = 0.3, div: float = 5.0, wd: float | None = None, cbs=None, resume=None):
+        "Transfer learning as fastai does it: train the head frozen, then everything; `resume`: a checkpoint of either stage."
+        stage = "frozen" if resume is None else self._fine_tune_stage(resume, epochs, freeze_epochs)
         self.freeze()
-        if freeze_epochs:
-            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs)
+        if freeze_epochs and stage == "frozen":
+            self.fit_one_cycle(freeze_epochs, slice(base_lr), pct_start=0.99, wd=wd, cbs=cbs, resume=resume)
         base_lr /= 2
         self.unfreeze()
-        self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, wd=wd, cbs=cbs)
+        unfrozen_resume = resume if stage == "unfrozen" else None
+        self.fit_one_cycle(epochs, slice(base_lr / lr_mult, base_lr), pct_start=pct_start, div=div, wd=wd, cbs=cbs,
+                           resume=unfrozen_resume)
+
+    def _fine_tune_stage(self, file, epochs: int, freeze_epochs: int) -> str:
+        "Which stage of `fine_tune` wrote the checkpoint `file`, 'frozen' or 'unfrozen': its epochs and trainable parameters say."
+        saved = read_training_checkpoint(file, "cpu")["training"]["fit"]
+        trainable, held = [p.requires_grad for p in self.model.parameters()], list(self.held_bn)
+        self.freeze()                                                # to count what the frozen stage trains
+        groups = [group["params"] for group in self.opt.param_groups]
+        stages = {"frozen": (freeze_epochs, [sum(p.requires_grad for p in group) for group in groups]),
+                  "unfrozen": (epochs, [len(group) for group in groups])}
+        for param, flag in zip(self.model.parameters(), trainable):   # and back: a refused resume changes nothing
+            param.requires_grad_(flag)
+        self.held_bn = held
+        if not freeze_epochs:
+            del stages["frozen"]
+        found = (saved["n_epoch"], list(saved["trainable"]))
+        matching = [stage for stage, settings in stages.items() if settings == found]
+        if len(matching) == 1:
+            return matching[0]
+        which = ("a fit either stage of this fine_tune could have run (both train the same parameters for as many epochs)"
+                 if matching else "neither stage of this fine_tune")
+        raise ValueError(f"Cannot resume fine_tune from {file}: it was written by {which}. It holds a fit of {found[0]} "
+                         f"epochs training {found[1]} parameters per group; the stages (epochs, trainable parameters per "
+                         f"group) are {stages}. Resume with the fine_tune call that wrote it, or resume the fit that wrote "
+                         "it: learn.fit_one_cycle(n_epoch, lr_max, resume=file) (after learn.unfreeze() for the unfrozen "
+                         "stage).")
 
     @renamed_keywords(suggestions="suggest_funcs")
     def lr_find(self, start_lr: float = 1e-7, end_lr: float = 10, num_it: int = 100, stop_div: bool = True,

@@ -195,10 +195,19 @@ def write_export(file, model: nn.Module, model_spec: dict | None, dls: DataLoade
     return atomic_write(file, lambda f: f.write(data))
 
 # %% ../nbs/core/07_persist.ipynb #b0278224
+def _fastai_pickle_hint(file: Path) -> str:
+    "For a missing fastai-style `.pkl` export: that coursekit's is the `.ck` beside it, a zip never unpickled."
+    if file.suffix != ".pkl":
+        return ""
+    ours = file.with_suffix(".ck")
+    where = "which is there" if ours.is_file() else "look for it"
+    return (f": fastai writes export.pkl, a pickle; coursekit's learn.export() writes {ours.name}, a zip of JSON and "
+            f"safetensors that is never unpickled ({where}): load_learner({str(ours)!r})")
+
 def open_export(file: Path) -> zipfile.ZipFile:
     "Open `file` as a zip holding exactly `EXPORT_MEMBERS`, or raise a ValueError saying what it holds instead."
     if not file.is_file():
-        raise FileNotFoundError(f"No export at {file}")
+        raise FileNotFoundError(f"No export at {file}{_fastai_pickle_hint(file)}")
     try:
         archive = zipfile.ZipFile(file)
     except Exception as err:  # BadZipFile, OSError, EOFError...: a damaged or cut download

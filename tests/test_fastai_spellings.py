@@ -1,27 +1,36 @@
 """The spellings a fastai course or book user types (issue 12): each one works with fastai's meaning, or fails
 with a message that names coursekit's spelling. The table itself is in `nbs/core/11_from_fastai.ipynb`."""
+import dataclasses
 import pickle
 import subprocess
 import sys
+import types
+from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torchvision
+from PIL import Image
 
-from coursekit.core import set_seed
+from coursekit.core import exportable_spec, set_seed
+from coursekit.data.core import CategoryBlock, DataBlock, DataLoaders, FuncSplitter, RegexLabeller
 from coursekit.data.external import URLs, untar_data
-from coursekit.learner import load_learner, minimum
+from coursekit.interpret import ClassificationInterpretation, MultiLabelClassificationInterpretation
+from coursekit.learner import Learner, load_learner, minimum, simple_mlp
 from coursekit.metrics import accuracy
 from coursekit.tabular.collab import CollabDataLoaders, CollabInterpretation, collab_learner, pca
 from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
 from coursekit.tabular.learner import tabular_learner
 from coursekit.text.data import TextDataLoaders
-from coursekit.text.learner import text_classifier_learner
+from coursekit.text.learner import language_model_learner, text_classifier_learner
 from coursekit.text.models import AWD_CONFIGS, get_language_model
-from coursekit.vision.data import ImageBlock, ImageDataLoaders, Normalize, Resize, get_image_files
-from coursekit.vision.learner import cnn_learner
+from coursekit.vision.data import (ImageBlock, ImageDataLoaders, Normalize, PointBlock, Resize, SegmentationDataLoaders,
+                                   get_image_files)
+from coursekit.vision.learner import BACKBONES, cnn_learner
+from coursekit.vision.unet import unet_learner
 
 ADULT_CATS = ["workclass", "education", "marital-status", "occupation", "relationship", "race"]
 ADULT_CONTS = ["age", "fnlwgt", "education-num"]
@@ -408,3 +417,304 @@ def test_image_block_cls_pil_image_bw_names_channels():
         names["PILImageBW"]()
     assert ImageBlock(channels=1).channels == 1
 
+
+
+# --- unet_learner: checks everything first, changes the loaders last, takes torchvision's functions -----------------
+
+def camvid_loaders(**kwargs):
+    "Eight CamVid frames at 64x96 from the mirror, with their masks."
+    camvid = untar_data(URLs.CAMVID_TINY)
+    codes = (camvid / "codes.txt").read_text().split()
+    frames = get_image_files(camvid / "images")[:8]
+    return SegmentationDataLoaders.from_label_func(camvid, frames, lambda f: camvid / "labels" / f"{f.stem}_P{f.suffix}",
+                                                   codes=codes, valid_pct=0.25, seed=0, item_tfms=Resize((64, 96)),
+                                                   bs=4, device="cpu", **kwargs)
+
+
+def test_failed_unet_learner_leaves_the_loaders_and_the_advised_arch_works(monkeypatch):
+    def weights_unavailable(pretrained):
+        raise RuntimeError("Could not load the ImageNet weights for resnet18 (offline?): use arch='efficientnet_lite0'")
+
+    monkeypatch.setitem(BACKBONES, "resnet18", dataclasses.replace(BACKBONES["resnet18"], make_stages=weights_unavailable))
+    dls = camvid_loaders()
+    before = [list(dl.batch_tfms) for dl in dls]
+    with pytest.raises(RuntimeError, match="efficientnet_lite0"):
+        unet_learner(dls, "resnet18")
+    assert [list(dl.batch_tfms) for dl in dls] == before
+    learn = unet_learner(dls, "efficientnet_lite0")
+    assert learn.model.eval()(dls.one_batch()[0]).shape == (4, len(dls.vocab), 64, 96)
+
+
+def test_unet_learner_with_a_wrong_n_in_changes_nothing():
+    dls = camvid_loaders()
+    before = [list(dl.batch_tfms) for dl in dls]
+    with pytest.raises(ValueError, match="n_in=1, but the DataLoaders give images with 3 channel"):
+        unet_learner(dls, "efficientnet_lite0", n_in=1)
+    assert [list(dl.batch_tfms) for dl in dls] == before
+
+
+def test_unet_learner_takes_torchvision_functions_as_the_string_names(tmp_path):
+    resnet34 = star_import()["resnet34"]
+    dls = camvid_loaders()
+    by_function = unet_learner(dls, resnet34, pretrained=False, path=tmp_path)
+    by_name = unet_learner(dls, "resnet34", pretrained=False, path=tmp_path)
+    assert by_function.model_spec == by_name.model_spec                  # the spec records the name: JSON, exportable
+    assert by_function.model_spec["kwargs"]["arch"] == "resnet34"
+    loaded = load_learner(by_function.export("unet_by_function.ck"), device="cpu")
+    assert type(loaded.model).__name__ == "DynamicUnet"
+
+
+# --- tabular: dls.classes is fastai's {categorical column: its Categorify vocab}; dls.vocab the target's ------------
+
+def test_tabular_classes_are_the_categorify_vocabs_as_in_fastai():
+    dls = TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                     cont_names=["age"], y_names="salary", valid_idx=list(range(30, 40)), device="cpu")
+    assert dls.classes == {"colour": ["#na#", "blue", "green", "red"], "age_na": ["#na#", False, True]}
+    assert dls.vocab == ["<50k", ">=50k"]                                # the target's classes, as before
+    dls.classes["colour"].append("purple")                              # a copy: the model's vocab is unchanged
+    assert dls.processor.categorify.vocab["colour"] == ["#na#", "blue", "green", "red"]
+
+
+def test_tabular_classes_without_categorify_says_to_add_it():
+    dls = TabularDataLoaders.from_df(people().dropna(), procs=[Standardize], cont_names=["age"], y_names="salary",
+                                     device="cpu")
+    with pytest.raises(AttributeError, match="add Categorify to procs"):
+        dls.classes
+
+
+# --- tabular learn.predict: fastai's (row, clas, probs); many rows or a tensor name get_preds ----------------------
+
+def people_learner():
+    "A small tabular classifier on `people()`, untrained (predict's shape does not depend on training)."
+    dls = TabularDataLoaders.from_df(people(), procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                     cont_names=["age"], y_names="salary", valid_idx=list(range(30, 40)), bs=8,
+                                     device="cpu")
+    return tabular_learner(dls, layers=[8])
+
+
+def test_tabular_predict_returns_fastai_row_clas_probs(tmp_path):
+    learn = people_learner()
+    df = people()
+    row, clas, probs = learn.predict(df.iloc[1])                       # book: row, clas, probs = learn.predict(df.iloc[0])
+    assert isinstance(row, pd.DataFrame) and list(row.index) == [1]
+    assert list(row.columns) == ["colour", "age_na", "age", "salary"]    # decoded inputs, then the predicted target
+    assert row["colour"].iloc[0] == df["colour"].iloc[1]
+    assert row["age"].iloc[0] == pytest.approx(df["age"].iloc[1], rel=1e-4)
+    assert row["salary"].iloc[0] == learn.dls.vocab[int(clas)]
+    assert clas.ndim == 0 and int(clas) == int(probs.argmax())
+    assert probs.shape == (2,) and float(probs.sum()) == pytest.approx(1, abs=1e-5)
+    learn.path = tmp_path
+    loaded = load_learner(learn.export("people.ck"), device="cpu")
+    loaded_row, loaded_clas, loaded_probs = loaded.predict(df.iloc[1])
+    pd.testing.assert_frame_equal(loaded_row, row)
+    torch.testing.assert_close(loaded_probs, probs)
+
+
+def test_tabular_predict_takes_a_one_row_dataframe_and_a_dict():
+    learn = people_learner()
+    df = people()
+    by_series = learn.predict(df.iloc[1])
+    by_frame = learn.predict(df.iloc[[1]])
+    by_dict = learn.predict(df.iloc[1].to_dict())
+    torch.testing.assert_close(by_frame[2], by_series[2])
+    torch.testing.assert_close(by_dict[2], by_series[2])
+
+
+@pytest.mark.parametrize("many", [lambda df: df.iloc[:3], lambda df: torch.zeros(2)])
+def test_tabular_predict_on_many_rows_or_a_tensor_names_get_preds(many):
+    learn = people_learner()
+    with pytest.raises(TypeError, match=r"learn\.get_preds\(dl=learn\.dls\.test_dl\(df\)\)"):
+        learn.predict(many(people()))
+
+
+# --- text learn.predict: one text, as a string; anything else says what to pass ---------------------------------------
+
+@pytest.fixture
+def review_classifier(tmp_path):
+    dls = TextDataLoaders.from_df(reviews(), bs=8, cache_dir=tmp_path, device="cpu")
+    return text_classifier_learner(dls, config="small_clas", pretrained=False)
+
+
+def test_text_predict_takes_a_string(review_classifier):
+    label, clas, probs = review_classifier.predict("a great film")
+    assert label in ("neg", "pos") and probs.shape == (2,)
+
+
+@pytest.mark.parametrize("item,expected", [
+    (["a", "great", "film"], r"got a list of 3 strings.*learn\.get_preds\(dl=learn\.dls\.test_dl\(texts\)\)"),
+    (3, r"got an int \(3\).*learn\.predict\('a great film'\)"),
+    (None, r"got None.*learn\.predict\('a great film'\)"),
+    (pd.Series(["a great film", "boring"]),
+     r"got a pandas Series of 2 strings.*learn\.get_preds\(dl=learn\.dls\.test_dl\(texts\)\)"),
+])
+def test_text_predict_on_a_non_string_says_what_to_pass(review_classifier, item, expected):
+    with pytest.raises(TypeError, match=expected):
+        review_classifier.predict(item)
+
+
+def test_text_test_dl_refuses_a_non_string_among_the_texts(review_classifier):
+    with pytest.raises(TypeError, match=r"got None"):
+        review_classifier.dls.test_dl(["a great film", None])
+
+
+def test_language_model_predict_on_a_non_string_says_what_to_pass(dls_lm):
+    learn = language_model_learner(dls_lm, config="small_lm", pretrained=False)
+    assert learn.predict("a great", n_words=2, temperature=0).startswith("a great ")
+    with pytest.raises(TypeError, match=r"got a list of 2 strings.*' '\.join\(tokens\)"):
+        learn.predict(["a", "great"], n_words=2)
+    with pytest.raises(TypeError, match=r"got None"):
+        learn.predict(None)
+
+
+# --- the rows that did not give directions yet: ImageClassifierCleaner, nrows=, using_attr, export.pkl, path=, tensor, L
+
+def test_image_classifier_cleaner_names_image_cleaner_from_toplosses():
+    names = star_import()
+    expected = r"coursekit calls it ImageCleaner\.from_toplosses, e\.g\. ImageCleaner\.from_toplosses\(learn\)"
+    with pytest.raises(TypeError, match=expected):
+        names["ImageClassifierCleaner"](None)
+
+
+def pictures_interpretation(n: int = 6) -> ClassificationInterpretation:
+    "An interpretation of `n` small random pictures, two classes, without a model: what plot_top_losses draws."
+    loader = types.SimpleNamespace(items=list(range(n)), dataset=[(torch.rand(3, 8, 8), 0)] * n)
+    preds = torch.softmax(torch.randn(n, 2), 1)
+    targs = torch.zeros(n, dtype=torch.long)
+    return ClassificationInterpretation(loader, ["cat", "dog"], preds, targs, preds.argmax(1), -preds[:, 0].log())
+
+
+def grid_shape(axes) -> tuple:
+    "(rows, columns) of the figure's grid of pictures."
+    return axes[0].get_subplotspec().get_gridspec().get_geometry()
+
+
+def test_plot_top_losses_takes_fastai_nrows():
+    interp = pictures_interpretation()
+    plt.close("all")
+    assert interp.plot_top_losses(5, nrows=1) is None                  # the book: plot_top_losses(5, nrows=1)
+    assert len(plt.gcf().axes) == 5 and grid_shape(plt.gcf().axes) == (1, 5)
+    plt.close("all")
+    interp.plot_top_losses(6, nrows=2)
+    assert grid_shape(plt.gcf().axes) == (2, 3)
+    plt.close("all")
+    interp.plot_top_losses(4, ncols=4)
+    assert grid_shape(plt.gcf().axes) == (1, 4)
+    plt.close("all")
+    with pytest.raises(ValueError, match=r"nrows=1 and ncols=2 make room for 2 pictures, not 5"):
+        interp.plot_top_losses(5, nrows=1, ncols=2)
+
+
+def test_multilabel_plot_top_losses_takes_fastai_nrows():
+    n = 4
+    loader = types.SimpleNamespace(items=list(range(n)), dataset=[(torch.rand(3, 8, 8), 0)] * n)
+    preds = torch.rand(n, 3)
+    targs = (torch.rand(n, 3) > 0.5).float()
+    interp = MultiLabelClassificationInterpretation(loader, ["a", "b", "c"], preds, targs, torch.rand(n))
+    plt.close("all")
+    interp.plot_top_losses(4, nrows=1)
+    assert grid_shape(plt.gcf().axes) == (1, 4)
+    plt.close("all")
+
+
+def test_using_attr_labels_by_an_attribute_of_the_item():
+    using_attr = star_import()["using_attr"]
+    by_name = using_attr(RegexLabeller(r"^(.+)_\d+.jpg$"), "name")   # the book's pets labeller, anchored on the name
+    assert by_name(Path("/data/pets/images/great_pyrenees_173.jpg")) == "great_pyrenees"
+    folder, names = pet_names()
+    recipe = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=by_name, item_tfms=Resize(16))
+    dls = recipe.dataloaders([folder / name for name in names], bs=4, device="cpu")
+    assert dls.vocab == sorted({name.rsplit("_", 1)[0] for name in names})
+    with pytest.raises(AttributeError, match="stem"):
+        using_attr(str.upper, "stem")("not a path")
+
+
+def test_tensor_makes_tensors_as_fastai_does():
+    tensor = star_import()["tensor"]
+    assert tensor(1, 2, 3).tolist() == [1, 2, 3]
+    assert tensor([1.0, 2.0]).dtype == torch.float32
+    assert tensor(np.array([0.5, 1.5])).dtype == torch.float32           # float64 arrays become float32, as in fastai
+    picture = tensor(Image.new("L", (4, 3), 7))
+    assert picture.shape == (3, 4) and picture.dtype == torch.uint8 and int(picture[0, 0]) == 7
+    already = torch.ones(2)
+    assert tensor(already) is already
+    assert tensor(pd.Series([1, 2])).tolist() == [1, 2]
+
+
+def test_fastcore_l_names_a_plain_list():
+    with pytest.raises(TypeError, match=r"L is fastai's name; coursekit calls it a plain list"):
+        star_import()["L"]([1, 2])
+
+
+def small_exported_learner(folder) -> Path:
+    "Export a tiny classifier to `folder/export.ck`, as `learn.export()` does by default."
+    x = torch.randn(32, 2)
+    y = (x.sum(1) > 0).long()
+    dls = DataLoaders.from_dsets(list(zip(x[:24], y[:24])), list(zip(x[24:], y[24:])), bs=8, device="cpu", vocab=["neg", "pos"])
+    learn = Learner(dls, simple_mlp(2, 2), cbs=[], path=folder)
+    learn.model_spec = exportable_spec(simple_mlp, n_in=2, n_out=2)
+    return learn.export()
+
+
+def test_load_learner_of_fastai_export_pkl_names_export_ck(tmp_path):
+    exported = small_exported_learner(tmp_path)
+    assert exported == tmp_path / "export.ck"
+    with pytest.raises(FileNotFoundError, match=r"export\.pkl.*writes export\.ck, a zip .* never unpickled.*load_learner\("):
+        load_learner(tmp_path / "export.pkl")
+    with pytest.raises(FileNotFoundError, match=r"No export at .*model\.ck$"):
+        load_learner(tmp_path / "model.ck")                              # not a .pkl: the plain message
+
+
+def test_dblock_dataloaders_takes_fastai_path(tmp_path):
+    folder, names = pet_names()
+    recipe = DataBlock(blocks=(ImageBlock, CategoryBlock), get_y=RegexLabeller(r"([^/]+)_\d+.jpg$"), item_tfms=Resize(16))
+    dls = recipe.dataloaders([folder / name for name in names], path=tmp_path, bs=4, device="cpu")
+    assert dls.path == tmp_path
+    assert cnn_learner(dls, "resnet18", pretrained=False).path == tmp_path   # where the learner saves and exports
+    assert recipe.dataloaders([folder / name for name in names], bs=4, device="cpu").path == Path(".")
+
+
+# --- PointBlock: show_batch and show_results draw the points on the picture ------------------------------------------
+
+def dot_loaders():
+    "Ten 32x32 black pictures (tensors) each with a white dot; the target is the dot's (x, y) in pixels; two to validate."
+    items = []
+    for i in range(10):
+        picture = torch.zeros(3, 32, 32, dtype=torch.uint8)
+        x, y = 4 + 2 * i, 26 - 2 * i
+        picture[:, y, x] = 255
+        items.append((picture, [[x + 0.5, y + 0.5]], i >= 8))
+    recipe = DataBlock(blocks=(ImageBlock, PointBlock), get_x=lambda item: item[0], get_y=lambda item: item[1],
+                       splitter=FuncSplitter(lambda item: item[2]))
+    return recipe.dataloaders(items, bs=4, device="cpu")
+
+
+def drawn_colour(collection) -> tuple:
+    "The colour a scatter of unfilled markers is drawn in."
+    colours = collection.get_facecolor() if len(collection.get_facecolor()) else collection.get_edgecolor()
+    return tuple(np.round(colours[0], 3))
+
+
+def test_point_show_results_draws_actual_and_predicted_points_on_one_picture_in_two_colours():
+    dls = dot_loaders()
+    xb, yb = dls.valid.one_batch()
+    plt.close("all")
+    assert dls.show_results((xb, yb), yb + 0.25, max_n=2) is None        # drawn once, nothing returned
+    axes = plt.gcf().axes
+    assert len(axes) == 2                                              # one picture per item
+    for ax, points in zip(axes, yb):
+        assert len(ax.images) == 1 and len(ax.collections) == 2        # the picture, the actual and the predicted points
+        actual, predicted = ax.collections
+        assert drawn_colour(actual) != drawn_colour(predicted)
+        assert "actual" in ax.get_title() and "predicted" in ax.get_title()
+        expected = (points[0] + 1) / 2 * 32 - 0.5                       # back to pixel positions
+        np.testing.assert_allclose(actual.get_offsets()[0], expected.numpy(), atol=1e-4)
+    plt.close("all")
+
+
+def test_point_show_batch_draws_the_points_once_on_each_picture():
+    dls = dot_loaders()
+    plt.close("all")
+    assert dls.show_batch(dls.valid.one_batch(), max_n=2) is None
+    axes = plt.gcf().axes
+    assert len(axes) == 2 and all(len(ax.images) == 1 and len(ax.collections) == 1 for ax in axes)
+    plt.close("all")

@@ -85,11 +85,13 @@ def test_chapter2_cleaning_flow(tmp_path):
     matrix = interp.confusion_matrix()
     assert int(matrix.sum()) == len(dls.valid.dataset)
     assert float(matrix.trace() / matrix.sum()) == pytest.approx(1 - error)
-    interp.plot_top_losses(5, ncols=5)          # book: plot_top_losses(5, nrows=1)
+    interp.plot_top_losses(5, nrows=1)          # as the book spells it: one row of five
     losses, idxs = interp.top_losses(5)
     assert bool((losses[:-1] >= losses[1:]).all())
 
     cleaner = ImageCleaner.from_toplosses(learn)   # book: cleaner = ImageClassifierCleaner(learn)
+    with pytest.raises(TypeError, match=r"ImageCleaner\.from_toplosses\(learn\)"):
+        ImageClassifierCleaner(learn)              # the book's name says which to use
     assert len(cleaner.state.items) == len(dls.train.dataset) + len(dls.valid.dataset)
 
     exported = learn.export()
@@ -252,7 +254,7 @@ def test_tabular_from_df():
     baseline = majority_accuracy(df["salary"].drop(index=valid_idx), df["salary"].iloc[valid_idx])
     print(f"tabular: accuracy {valid_accuracy:.3f}, majority-class baseline {baseline:.3f}")
     assert valid_accuracy > baseline + 0.04
-    salary, salary_idx, probs = learn.predict(df.iloc[0])   # book: row, clas, probs = learn.predict(df.iloc[0])
-    assert salary in dls.vocab
-    assert dls.vocab[int(salary_idx)] == salary
+    row, clas, probs = learn.predict(df.iloc[0])            # as the book spells it
+    assert list(row.index) == [0] and row["workclass"].iloc[0] == df["workclass"].iloc[0]
+    assert row["salary"].iloc[0] == dls.vocab[int(clas)]      # the row carries the prediction in the target column
     assert float(probs.sum()) == pytest.approx(1, abs=1e-5)

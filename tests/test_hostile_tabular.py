@@ -81,7 +81,7 @@ def test_tabular_with_integer_column_labels_round_trips(tmp_path):
     learn = tabular_learner(dls, layers=[8])
     loaded = export_and_load(learn, tmp_path)
     row = {0: "red", 1: 33.0}
-    assert loaded.predict(row)[0] == learn.predict(row)[0]
+    pd.testing.assert_frame_equal(loaded.predict(row)[0], learn.predict(row)[0])
     torch.testing.assert_close(loaded.get_preds(dl=loaded.dls.test_dl(df))[0], learn.get_preds(dl=dls.test_dl(df))[0])
 
 
@@ -92,8 +92,8 @@ def test_tabular_with_numpy_integer_column_labels_round_trips(tmp_path):
     dls = TabularDataLoaders.from_df(df, cat_names=[cat], cont_names=[cont], y_names=y, procs=PROCS, valid_pct=0.2,
                                      seed=0, bs=8, device="cpu")
     loaded = export_and_load(tabular_learner(dls, layers=[8]), tmp_path)
-    label, _, probs = loaded.predict({0: "blue", 1: np.nan})
-    assert label in ("yes", "no") and probs.shape == (2,)
+    row, _, probs = loaded.predict({0: "blue", 1: np.nan})
+    assert row[2].iloc[0] in ("yes", "no") and probs.shape == (2,)
 
 
 def test_tabular_with_unexportable_column_labels_is_refused_at_build_time():

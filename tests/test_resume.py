@@ -298,3 +298,84 @@ def test_an_epoch_draws_the_same_random_numbers_whether_the_cache_is_warm_or_not
         after_epoch.append(torch.rand(1).item())
     assert dl.is_cached
     assert after_epoch[0] == after_epoch[1]
+
+
+# --- fine_tune: a checkpoint of either stage continues at that stage ------------------------------------------------
+
+FREEZE_EPOCHS, EPOCHS = 2, 3
+
+
+def body_and_head(model: nn.Sequential) -> list:
+    "Two parameter groups, so that freezing the body changes what trains: the first layer, and the last."
+    return [list(model[0].parameters()), list(model[3].parameters())]
+
+
+class Interrupted(Exception):
+    "What `InterruptAfter` raises: stands for a crash or Ctrl-C at the end of an epoch."
+
+
+class InterruptAfter(Callback):
+    "Raise `Interrupted` at the end of the `n`th epoch of a `fine_tune`, counted over both stages, after the checkpoint."
+    order = 80
+
+    def __init__(self, n: int):
+        self.n, self.seen = n, 0
+
+    def after_epoch(self, learn):
+        self.seen += 1
+        if self.seen == self.n:
+            raise Interrupted()
+
+
+def fine_tune_learner(folder, seed: int) -> Learner:
+    "A learner with a body and a head (other initial weights for another `seed`)."
+    set_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3))
+    return Learner(make_dls(), model, loss_func=nn.CrossEntropyLoss(), path=folder, cbs=[], splitter=body_and_head)
+
+
+def fine_tuned(folder, seed: int, resume=None, interrupt_after: int = 0) -> dict:
+    "Weights after `fine_tune(EPOCHS, freeze_epochs=FREEZE_EPOCHS)`, with a checkpoint per epoch."
+    learn = fine_tune_learner(folder, seed)
+    cbs = [SaveModelCallback(every_epoch=True, with_opt=True, fname="tune")]
+    if interrupt_after:
+        cbs.append(InterruptAfter(interrupt_after))
+    with learn.no_bar():
+        learn.fine_tune(EPOCHS, 1e-2, freeze_epochs=FREEZE_EPOCHS, cbs=cbs, resume=resume)
+    return {name: tensor.clone() for name, tensor in learn.model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def fine_tune_reference(tmp_path_factory) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fine_tuned(tmp_path_factory.mktemp("fine_tune"), seed=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("stage,interrupt_after,checkpoint", [("frozen", 1, "tune_0.pth"), ("unfrozen", 4, "tune_1.pth")])
+def test_fine_tune_resumes_at_the_stage_its_checkpoint_was_written_in(fine_tune_reference, tmp_path, stage,
+                                                                      interrupt_after, checkpoint):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(Interrupted):
+            fine_tuned(tmp_path, seed=0, interrupt_after=interrupt_after)
+        resumed = fine_tuned(tmp_path, seed=1, resume=tmp_path / "models" / checkpoint)   # other initial weights
+    finally:
+        torch.set_num_threads(threads)
+    assert largest_difference(resumed, fine_tune_reference) <= TOLERANCE, stage
+
+
+def test_fine_tune_refuses_a_checkpoint_of_another_fit_naming_fit_one_cycle(tmp_path):
+    learn = fine_tune_learner(tmp_path, seed=0)
+    with learn.no_bar():
+        learn.fit_one_cycle(4, 1e-2, cbs=[SaveModelCallback(every_epoch=True, with_opt=True)])
+    before = {name: tensor.clone() for name, tensor in learn.model.state_dict().items()}
+    with learn.no_bar(), pytest.raises(ValueError, match=r"written by neither stage of this fine_tune.*fit_one_cycle"):
+        learn.fine_tune(EPOCHS, 1e-2, freeze_epochs=FREEZE_EPOCHS, resume=tmp_path / "models" / "model_1.pth")
+    for name, tensor in learn.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert all(param.requires_grad for param in learn.model.parameters())   # not left frozen either

@@ -597,6 +597,10 @@ class DataLoaders:
         "A class index, one-hot row or mask -> the label, list of labels or mask."
         return self.target_block.decode(t)
 
+    def decode_prediction(self, dl, decoded, probs) -> tuple:
+        "What `learn.predict` returns for the one item of `dl`: `(decoded target, decoded tensor, probabilities)`."
+        return self.decode_target(decoded), decoded, probs
+
     def test_dl(self, items, with_labels: bool = False, bs: int | None = None) -> DataLoader:
         "A validation-style loader over new items (paths, images, tensors...): batches are `(*inputs,)` without labels."
         items = list(items) if not isinstance(items, (tud.Dataset, pd.DataFrame, torch.Tensor)) else items
@@ -663,13 +667,21 @@ class DataLoaders:
 
     @renamed_keywords(rows="max_n")
     def show_results(self, batch: tuple, preds, max_n: int = 9, ncols: int = 3, figsize=None) -> None:
-        "Draw inputs with actual and decoded predicted targets: `actual/predicted` titles, or masks/points side by side."
+        "Draw inputs with actual and predicted targets: `actual/predicted` titles, masks side by side, points in two colours."
         samples = self.decode_batch(batch, max_n)
         preds = preds[:max_n].detach().cpu() if isinstance(preds, torch.Tensor) else list(preds)[:max_n]
-        pictures = self.target_block.kind in ("mask", "point")   # targets drawn on the picture: actual, then predicted
+        pictures = self.target_block.kind == "mask"   # masks drawn on the picture: actual, then predicted beside it
         axs = _grid(len(samples) * (2 if pictures else 1), ncols * (2 if pictures else 1), figsize)
         for i, (sample, pred) in enumerate(zip(samples, preds)):
             inputs, target = sample[:self.n_inp], sample[self.n_inp] if len(sample) > self.n_inp else None
+            if self.target_block.kind == "point":   # both sets of points on one picture, in two colours
+                for b, x in zip(self.blocks, inputs):
+                    b.show(x, axs[i])
+                if target is not None:
+                    self.target_block.show(target, axs[i], color="lime", marker="+")
+                self.target_block.show(pred, axs[i], color="red", marker="x")
+                _finish_axis(axs[i], "actual + (green), predicted x (red)")
+                continue
             if pictures:
                 ax_t, ax_p = axs[2 * i], axs[2 * i + 1]
                 for ax, mask, name in ((ax_t, target, "actual"), (ax_p, pred, "predicted")):
@@ -902,15 +914,15 @@ class DataBlock:
                         BlockDataset(subset(valid_idx), blocks, self.getters, self.n_inp), blocks)
 
     def dataloaders(self, source, bs: int = 64, device=None, num_workers: int = 0, shuffle: bool = True,
-                    cache="auto") -> DataLoaders:
-        "DataLoaders for `source`: the training loader shuffles (unless `shuffle=False`) and augments."
+                    cache="auto", path=".") -> DataLoaders:
+        "DataLoaders for `source`: the training loader shuffles (unless `shuffle=False`) and augments; `path`: the data folder."
         dsets = self.datasets(source)
         kinds = [b.kind for b in dsets.blocks]
         common = dict(bs=bs, device=device, num_workers=num_workers, item_tfms=self.item_tfms,
                       batch_tfms=self.batch_tfms, kinds=kinds, n_inp=self.n_inp, cache=cache)
         train = DataLoader(dsets.train, shuffle=shuffle, drop_last=shuffle and len(dsets.train) > bs, training=True, **common)
         valid = DataLoader(dsets.valid, training=False, **common)
-        return DataLoaders(train, valid, dsets.blocks)
+        return DataLoaders(train, valid, dsets.blocks, path=path)   # path: where a learner on them saves (fastai's)
 
     def summary(self, source, bs: int = 4):
         "Print each step from `source` to one training sample and one batch (changes nothing)."

@@ -19,6 +19,7 @@ from ..data.external import URLs, untar_data
 from ..learner import Callback, Learner
 from ..metrics import Perplexity, accuracy
 from .core import UNK, tokenize
+from .data import check_text
 from .models import (AWD_CONFIGS, AWD_LSTM, awd_lstm_clas_split, awd_lstm_lm_split, get_language_model,
                                    get_text_classifier, load_pretrained_encoder, load_pretrained_lm)
 
@@ -59,6 +60,7 @@ class LMLearner(TextLearner):
     "A language-model learner: `predict(text, n_words, temperature)` continues a text."
     def predict(self, text: str, n_words: int = 1, temperature: float = 1.0, no_unk: bool = True) -> str:
         "Continue `text` with `n_words` words sampled at `temperature` (0: always the most likely word)."
+        check_text(text)
         vocab = self.dls.text_vocab
         ids = torch.from_numpy(vocab.numericalize(tokenize(text, self.dls.rules))).to(self.device)
         self.model.eval(); self.model.reset()

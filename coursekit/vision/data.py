@@ -677,13 +677,13 @@ class PointBlock(TransformBlock):
     def label(self, t):
         return "; ".join(f"{x:.2f}, {y:.2f}" for x, y in self.decode(t).tolist())
 
-    def show(self, t, ax):
-        "Draw the points on the picture `ax` shows (their coordinates as text when there is none)."
+    def show(self, t, ax, color: str = "magenta", marker: str = "x"):
+        "Draw the points on the picture `ax` shows, in `color` (their coordinates as text when there is none)."
         if not ax.images:
             return self.label(t)
         height, width = ax.images[0].get_array().shape[:2]
         pixels = points_to_pixels(self.decode(t), (height, width)) - 0.5   # matplotlib puts pixel centres on integers
-        ax.scatter(pixels[:, 0], pixels[:, 1], s=30, c="magenta", marker="x")
+        ax.scatter(pixels[:, 0], pixels[:, 1], s=30, c=color, marker=marker)
         return ""
 
     @property

@@ -15,7 +15,8 @@ from torch import nn
 
 from ..core import exportable, exportable_spec
 from ..learner import Learner
-from .learner import body_stages, check_normalization, create_body, get_backbone
+from .learner import (add_batch_tfm, arch_name, body_stages, check_n_in, create_body, get_backbone,
+                                      missing_normalization)
 
 # %% ../../nbs/lessons/03_segmentation_unet.ipynb #17d59419
 def icnr_(weight: torch.Tensor, scale: int = 2, init=nn.init.kaiming_normal_) -> torch.Tensor:
@@ -86,10 +87,10 @@ class UnetBlock(nn.Module):
         return self.attention(self.conv2(self.conv1(x)))
 
 @torch.no_grad()
-def stage_strides(stages, probe_size: int = 128) -> list:
-    "(stride, channels) of each stage's output, found by passing one dummy image through the stages in eval mode."
+def stage_strides(stages, probe_size: int = 128, n_in: int = 3) -> list:
+    "(stride, channels) of each stage's output, found by passing one dummy `n_in`-channel image through the stages in eval mode."
     modes = [stage.training for stage in stages]
-    x, out = torch.zeros(1, 3, probe_size, probe_size, device=next(stages[0].parameters()).device), []
+    x, out = torch.zeros(1, n_in, probe_size, probe_size, device=next(stages[0].parameters()).device), []
     for stage in stages:
         stage.eval()
         x = stage(x)
@@ -100,10 +101,11 @@ def stage_strides(stages, probe_size: int = 128) -> list:
 
 class DynamicUnet(nn.Module):
     "A U-Net on an encoder given as stages: a skip connection from every stride below 32, output at the input's size."
-    def __init__(self, stages, n_out: int, self_attention: bool = False, blur: bool = False, last_cross: bool = True):
+    def __init__(self, stages, n_out: int, self_attention: bool = False, blur: bool = False, last_cross: bool = True,
+                 n_in: int = 3):
         super().__init__()
         self.encoder = nn.ModuleList(stages)
-        info = stage_strides(self.encoder)
+        info = stage_strides(self.encoder, n_in=n_in)
         if info[-1][0] != 32:
             raise ValueError(f"The encoder must end at stride 32; its stages reach strides {[stride for stride, _ in info]}.")
         # the skip at each resolution comes from the last stage producing it, deepest first
@@ -123,7 +125,7 @@ class DynamicUnet(nn.Module):
             stride //= 2
         self.upsample = nn.Sequential(*ups)
         self.last_cross = last_cross
-        self.final = nn.Sequential(conv_layer(up_c + (3 if last_cross else 0), up_c), conv_layer(up_c, up_c))
+        self.final = nn.Sequential(conv_layer(up_c + (n_in if last_cross else 0), up_c), conv_layer(up_c, up_c))
         self.head = nn.Conv2d(up_c, n_out, 1)
 
     def forward(self, x):
@@ -145,9 +147,10 @@ class DynamicUnet(nn.Module):
 # %% ../../nbs/lessons/03_segmentation_unet.ipynb #a630de3b
 @exportable
 def unet_model(arch: str, n_out: int, pretrained: bool = False, self_attention: bool = False,
-               blur: bool = False) -> DynamicUnet:
-    "A `DynamicUnet` whose encoder is the body of `arch` (ImageNet weights when `pretrained`), with `n_out` classes."
-    return DynamicUnet(body_stages(create_body(arch, pretrained)), n_out, self_attention=self_attention, blur=blur)
+               blur: bool = False, n_in: int = 3) -> DynamicUnet:
+    "A `DynamicUnet` on the body of `arch` (ImageNet weights when `pretrained`) reading `n_in` channels, `n_out` classes."
+    body = create_body(arch, pretrained, n_in)
+    return DynamicUnet(body_stages(body), n_out, self_attention=self_attention, blur=blur, n_in=n_in)
 
 def unet_splitter(model: DynamicUnet) -> list:
     "Three parameter groups: the encoder's first three stages, its last two, and the decoder."
@@ -158,18 +161,23 @@ def unet_splitter(model: DynamicUnet) -> list:
 # %% ../../nbs/lessons/03_segmentation_unet.ipynb #fa61fbd4
 def unet_learner(dls, arch: str = "resnet34", metrics=None, pretrained: bool = True, n_out: int | None = None,
                  loss_func=None, lr: float = 1e-3, wd: float | None = None, self_attention: bool = False,
-                 blur: bool = False, train_bn: bool | None = None, cbs=None, path=None) -> Learner:
-    "A `Learner` for segmentation: a U-Net on a pretrained `arch` encoder (frozen), `n_out` classes; saves under `path`."
+                 blur: bool = False, train_bn: bool | None = None, cbs=None, path=None, n_in: int | None = None) -> Learner:
+    "A `Learner` for segmentation: a U-Net on a pretrained `arch` encoder (frozen) reading `n_in` channels, `n_out` classes."
+    arch = arch_name(arch)
+    backbone = get_backbone(arch)
     n_out = n_out if n_out is not None else dls.c
     if not n_out:
         raise ValueError("Cannot tell how many classes to predict: dls.c is not set (give MaskBlock its codes) or pass n_out.")
-    if pretrained:
-        check_normalization(dls, arch)
-    model = unet_model(arch, n_out, pretrained=pretrained, self_attention=self_attention, blur=blur)
-    train_bn = get_backbone(arch).train_bn if train_bn is None else train_bn  # see cnn_learner in lesson 1
+    n_in = check_n_in(dls, n_in)
+    norm = missing_normalization(dls, arch, n_in) if pretrained else None   # checked now, added at the end
+    model = unet_model(arch, n_out, pretrained=pretrained, self_attention=self_attention, blur=blur, n_in=n_in)
+    train_bn = backbone.train_bn if train_bn is None else train_bn  # see cnn_learner in lesson 1
     learn = Learner(dls, model, loss_func=loss_func, lr=lr, metrics=metrics, cbs=cbs, wd=wd, splitter=unet_splitter,
                     path=path, train_bn=train_bn)
-    learn.model_spec = exportable_spec(unet_model, arch=arch, n_out=n_out, self_attention=self_attention, blur=blur)
+    learn.model_spec = exportable_spec(unet_model, arch=arch, n_out=n_out, self_attention=self_attention, blur=blur,
+                                       n_in=n_in)
     if pretrained:
         learn.freeze()
+    if norm is not None:
+        add_batch_tfm(dls, norm)      # the one change to the caller's loaders, once nothing can fail
     return learn

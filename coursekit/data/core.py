@@ -6,9 +6,10 @@ and augments whole batches, and `DataBlock`, which describes a dataset in a few 
 # %% auto #0
 __all__ = ['CACHE_LIMIT_BYTES', 'Transform', 'transform_spec', 'sort_transforms', 'IntToFloat', 'TransformBlock', 'block_spec',
            'show_image', 'Categorize', 'sorted_vocab', 'CategoryBlock', 'MultiCategoryBlock', 'RegressionBlock',
-           'as_sample', 'ListDataset', 'DataLoader', 'BlockDataset', 'check_loaders', 'DataLoaders', 'result_title',
-           'RandomSplitter', 'IndexSplitter', 'FuncSplitter', 'GrandparentSplitter', 'FileSplitter', 'ColSplitter',
-           'parent_label', 'RegexLabeller', 'ColReader', 'Datasets', 'DataBlock']
+           'as_sample', 'on_host', 'decode_device', 'ListDataset', 'DataLoader', 'BlockDataset', 'build_cache',
+           'check_loaders', 'DataLoaders', 'result_title', 'RandomSplitter', 'IndexSplitter', 'FuncSplitter',
+           'GrandparentSplitter', 'FileSplitter', 'ColSplitter', 'parent_label', 'RegexLabeller', 'ColReader',
+           'Datasets', 'DataBlock']
 
 # %% ../../nbs/core/03_data_core.ipynb #50561707
 import re
@@ -22,7 +23,7 @@ import pandas as pd
 import torch
 import torch.utils.data as tud
 
-from ..core import default_device, exportable, exportable_spec, build_exportable
+from ..core import default_device, exportable, exportable_spec, build_exportable, prefetch
 from ..from_fastai import FastaiName, renamed_keywords
 from ..losses import BCEWithLogitsLossFlat, CrossEntropyLossFlat, MSELossFlat
 
@@ -285,15 +286,50 @@ def as_sample(x) -> tuple:
     "A dataset's element as a tuple."
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
+def _padded(nbytes: int) -> int:
+    "`nbytes` rounded up to a multiple of 64, so that every tensor in a shared buffer starts aligned."
+    return -(-nbytes // 64) * 64
+
+def on_host(samples: list) -> list:
+    "Samples with their tensors on the CPU: those on a GPU copied into one pinned buffer, with one wait for all the copies."
+    on_device = [x for s in samples for x in s if isinstance(x, torch.Tensor) and x.device.type != "cpu"]
+    if not on_device:
+        return samples
+    cuda = on_device[0].is_cuda
+    buffer = torch.empty(sum(_padded(x.nbytes) for x in on_device), dtype=torch.uint8, pin_memory=cuda)
+    copies = {}
+    offset = 0
+    for x in on_device:
+        copy = buffer[offset:offset + x.nbytes].view(x.dtype).view(x.shape)
+        copy.copy_(x, non_blocking=cuda)
+        copies[id(x)] = copy
+        offset += _padded(x.nbytes)
+    if cuda:
+        torch.cuda.synchronize(on_device[0].device)
+    return [tuple(copies.get(id(x), x) if isinstance(x, torch.Tensor) else x for x in s) for s in samples]
+
+def decode_device(device, num_workers: int) -> torch.device:
+    "Where a loader decodes and prepares items: on its own `device` in the main process, on the CPU in worker processes."
+    return torch.device(device) if num_workers == 0 else torch.device("cpu")
+
 class _Prepared(tud.Dataset):
     "`dataset[i]` after each item transform's `prepare` step: the part a loader can cache (runs in workers)."
-    def __init__(self, dataset, tfms, kinds): self.dataset, self.tfms, self.kinds = dataset, tfms, kinds
+    def __init__(self, dataset, tfms, kinds, device=None):
+        self.dataset, self.tfms, self.kinds = dataset, tfms, kinds
+        self.device = torch.device("cpu") if device is None else torch.device(device)
     def __len__(self): return len(self.dataset)
-    def __getitem__(self, i):
-        sample = as_sample(self.dataset[i])
+    def _prepare(self, sample: tuple) -> tuple:
         for tfm in self.tfms:
             sample = tfm.prepare(sample, self.kinds)
         return sample
+    def __getitem__(self, i):
+        return self._prepare(as_sample(self.dataset[i]))
+    def __getitems__(self, indices: list) -> list:
+        "A batch of prepared samples, on the CPU: decoded together on `device` when the dataset can (`samples_at`)."
+        samples_at = getattr(self.dataset, "samples_at", None)
+        if samples_at is None:
+            return [self[i] for i in indices]
+        return on_host([self._prepare(as_sample(s)) for s in samples_at(indices, self.device)])
 
 class ListDataset(tud.Dataset):
     "A dataset over a list of samples (or a tensor), with the samples as its `items`."
@@ -381,7 +417,7 @@ class DataLoader:
         extra = [i for i in dropped if i not in cached] if self._cached is not None else []
         loaded = iter(())
         if any(needed) or extra:
-            prepared = _Prepared(self.dataset, self.item_tfms, self.kinds)
+            prepared = _Prepared(self.dataset, self.item_tfms, self.kinds, decode_device(self.device, self.num_workers))
             # a generator of its own for the workers' seeds (they run only the deterministic `prepare`): a cold cache
             # then draws nothing from torch's global generator, so a resumed fit draws exactly what the interrupted one did
             loaded = iter(tud.DataLoader(prepared, batch_sampler=[n for n in needed if n] + ([extra] if extra else []),
@@ -417,10 +453,17 @@ class DataLoader:
             sample = tfm(sample, self.kinds, self.training)
         return sample
 
+    def _cpu_batches(self, index_batches: list, dropped: list):
+        "Each batch of the epoch collated on the CPU; in pinned (page-locked) memory when it goes to a CUDA device."
+        pin = self.device.type == "cuda"
+        for samples in self._prepared_batches(index_batches, dropped):
+            batch = _collate([self._finish_item(s) for s in samples])
+            yield tuple(x.pin_memory() if pin and isinstance(x, torch.Tensor) else x for x in batch)
+
     def _to_device(self, batch: tuple) -> tuple:
-        cuda = self.device.type == "cuda"
-        return tuple(x.pin_memory().to(self.device, non_blocking=True) if cuda and isinstance(x, torch.Tensor)
-                     else x.to(self.device) if isinstance(x, torch.Tensor) else x for x in batch)
+        "The batch on the device; from pinned memory the copy does not wait (it is queued before the GPU's next work)."
+        non_blocking = self.device.type == "cuda"
+        return tuple(x.to(self.device, non_blocking=non_blocking) if isinstance(x, torch.Tensor) else x for x in batch)
 
     def apply_batch_tfms(self, batch: tuple) -> tuple:
         "Run the batch transforms (the train-only ones only when training) on a batch already on the device."
@@ -431,8 +474,10 @@ class DataLoader:
         return batch
 
     def __iter__(self):
-        for samples in self._prepared_batches(*self._index_batches()):
-            batch = _collate([self._finish_item(s) for s in samples])
+        batches = self._cpu_batches(*self._index_batches())  # the order is drawn here, in the caller's thread
+        if self.device.type == "cuda":  # collate and pin the next batch in a thread while the GPU computes
+            batches = prefetch(batches)
+        for batch in batches:
             yield self.apply_batch_tfms(self._to_device(batch))
 
     def one_batch(self) -> tuple:
@@ -512,6 +557,15 @@ class BlockDataset(tud.Dataset):
             err.add_note(f"While loading item {i}: {_short(item, width=300)}")
             raise
 
+    def samples_at(self, indices: Sequence[int], device=None) -> list:
+        "The samples at `indices`; a block with `encode_many` (images) encodes its values together, on `device`."
+        try:
+            values = [self.values(self.item(i)) for i in indices]
+            columns = [_encode_column(block, list(column), device) for block, column in zip(self.blocks, zip(*values))]
+        except Exception:  # not swallowed: item by item, the same error is raised again, naming its item
+            return [self[i] for i in indices]
+        return list(zip(*columns))
+
     def new(self, items, with_labels: bool = True) -> "BlockDataset":
         "The same blocks and getters over other items (getters for DataFrame rows only on rows); without labels: inputs only."
         keep = len(self.blocks) if with_labels else self.n_inp
@@ -520,9 +574,26 @@ class BlockDataset(tud.Dataset):
             getters = None
         return BlockDataset(items, self.blocks[:keep], getters, n_inp=self.n_inp)
 
+def _encode_column(block, values: list, device) -> list:
+    "`block.encode` of each value, or all at once on `device` when the block has `encode_many`."
+    encode_many = getattr(block, "encode_many", None)
+    return encode_many(values, device) if encode_many is not None else [block.encode(v) for v in values]
+
 def _are_rows(items) -> bool:
     "True for a DataFrame or a list of rows (Series)."
     return isinstance(items, pd.DataFrame) or (len(items) > 0 and all(isinstance(o, pd.Series) for o in items))
+
+# %% ../../nbs/core/03_data_core.ipynb #223b77d4
+def build_cache(dl: DataLoader, chunk_size: int = 256) -> DataLoader:
+    "Decode and prepare every item of `dl` now, `chunk_size` at a time, into its cache: its epochs then do no decoding."
+    if dl.cache is False:
+        raise ValueError("build_cache needs a loader that caches: this one was made with cache=False. Make it with "
+                         "cache=True (or 'auto', which caches when the prepared items fit in CACHE_LIMIT_BYTES).")
+    chunks = [chunk.tolist() for chunk in torch.arange(len(dl.dataset)).split(chunk_size)]
+    for _ in dl._prepared_batches(chunks):
+        if dl._cached is None:   # cache='auto' found the items too big to keep: nothing more to build
+            break
+    return dl
 
 # %% ../../nbs/core/03_data_core.ipynb #864ac34e
 def check_loaders(train, valid):

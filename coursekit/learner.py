@@ -16,9 +16,10 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'TrainingDefaul
            'PrecisionMixin', 'CompileMixin', 'activate_preds', 'decode_preds', 'per_item_losses', 'PredictionCollector',
            'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks', 'ResumeMixin',
            'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows', 'summary_table',
-           'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable', 'same_named_modules',
-           'DistributedCallback', 'DistributedMixin', 'finder_result', 'predictions_per_epoch', 'DoctorMixin',
-           'Learner', 'inference_precision', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
+           'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable', 'rows_to_gather',
+           'same_named_modules', 'DistributedCallback', 'DistributedMixin', 'finder_result', 'predictions_per_epoch',
+           'DoctorMixin', 'Learner', 'inference_precision', 'load_learner', 'simple_mlp', 'sigmoid_range',
+           'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -1311,7 +1312,9 @@ class TTAMixin:
 
 # %% ../nbs/core/06_learner.ipynb #4a25fe32
 def shardable(dl) -> bool:
-    "True for a loader that draws its batches through `DataLoader.epoch_order`, so that a `sampler` deals each process its share."
+    "True for a loader that draws its epoch through its `sampler`: `DataLoader`'s batches, or one with `honours_sampler`."
+    if getattr(type(dl), "honours_sampler", False):
+        return True
     return isinstance(dl, DataLoader) and type(dl).__iter__ is DataLoader.__iter__
 
 def check_shardable(dls):
@@ -1320,7 +1323,15 @@ def check_shardable(dls):
         if not shardable(dl):
             raise TypeError(f"distrib_ctx cannot share out dls.{name}, a {type(dl).__name__}: it draws its own batches. "
                             "Data-parallel training works with coursekit.data.core.DataLoader (DataBlock, "
-                            "ImageDataLoaders, DataLoaders.from_dsets); train this learner in one process.")
+                            "ImageDataLoaders, DataLoaders.from_dsets), TabularDataLoaders and TextDataLoaders, or a "
+                            "loader with `honours_sampler = True` that loads `sampler.indices(n, shuffle)`; otherwise "
+                            "train this learner in one process.")
+
+def rows_to_gather(dl) -> int:
+    "Rows of a validation pass over `dl`, every process together, padding aside: `dl.epoch_rows()` or its dataset's length."
+    if hasattr(dl, "epoch_rows"):
+        return dl.epoch_rows()  # a language-model loader: every batch holds rows of the same streams
+    return len(dl.dataset)
 
 def same_named_modules(source: nn.Module, target: nn.Module, modules: list) -> list:
     "The modules of `target` named as `modules` are in `source` (a conversion such as SyncBatchNorm's keeps the names)."
@@ -1363,7 +1374,7 @@ class DistributedCallback(Callback):
             return
         n_inputs = len(learn.xb)
         start = learn.iter * learn.dl.bs * sampler.world_size
-        gathered = gather_batch((learn.pred, *learn.xb, *learn.yb), len(learn.dl.dataset), start)
+        gathered = gather_batch((learn.pred, *learn.xb, *learn.yb), rows_to_gather(learn.dl), start)
         learn.pred = gathered[0]
         learn.xb = gathered[1:1 + n_inputs]
         learn.yb = gathered[1 + n_inputs:]

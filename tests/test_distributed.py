@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 import torch
 from nbclient import NotebookClient
@@ -22,10 +23,17 @@ from nbclient import NotebookClient
 from coursekit.callbacks import CSVLogger, SaveModelCallback
 from coursekit.core import exportable_spec, set_seed
 from coursekit.data.core import DataLoaders
+from coursekit.data.external import URLs, untar_data
 from coursekit.distributed import ShardSampler, free_port, rank_distrib
 from coursekit.interpret import ClassificationInterpretation
 from coursekit.learner import Callback, Learner, load_learner, simple_mlp
 from coursekit.metrics import accuracy, error_rate
+from coursekit.tabular.data import Categorify, FillMissing, Standardize, TabularDataLoaders
+from coursekit.tabular.learner import TabularModel, get_emb_sz
+from coursekit.text.data import TextDataLoaders
+from coursekit.text.learner import language_model_learner, text_classifier_learner
+from coursekit.text.models import awd_lstm_clas_config, awd_lstm_lm_config
+from coursekit.vision.data import ImageDataLoaders, aug_transforms
 
 ROOT = Path(__file__).resolve().parent.parent
 N_EPOCH = 3
@@ -297,15 +305,233 @@ def test_notebook_launcher_from_a_jupyter_kernel(tmp_path, monkeypatch):
     assert "launched: 6.0" in shown, notebook.cells[0].outputs
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Loaders that draw their own batches: tabular, text (sortish classifier batches), images with a cache and
+# augmentation on the device. The same worker runs each case under torchrun (`python tests/test_distributed.py
+# CASE OUT`) and, for the reference, in this process with the combined batch.
+
+CASE_EPOCHS = 2
+
+
+def tabular_learner_for(bs: int) -> Learner:
+    "192 training and 61 validation rows of a synthetic table; a tabular model without batch-norm or dropout."
+    generator = torch.Generator().manual_seed(2)
+    n = 253
+    age = torch.randn(n, generator=generator)
+    height = torch.randn(n, generator=generator)
+    colour = torch.randint(0, 3, (n,), generator=generator)
+    label = ((age + 0.5 * height + (colour == 1).float() + 0.3 * torch.randn(n, generator=generator)) > 0.5).long()
+    df = pd.DataFrame({"colour": [["red", "green", "blue"][int(c)] for c in colour], "age": age.numpy(),
+                       "height": height.numpy(), "label": [["no", "yes"][int(v)] for v in label]})
+    dls = TabularDataLoaders.from_df(df, ".", procs=[Categorify, FillMissing, Standardize], cat_names=["colour"],
+                                     cont_names=["age", "height"], y_names="label", valid_idx=list(range(192, n)),
+                                     bs=bs, device="cpu")
+    set_seed(0)
+    model = TabularModel(get_emb_sz(dls.processor), n_cont=2, out_sz=2, layers=[16], use_bn=False, bn_cont=False)
+    return Learner(dls, model, metrics=[accuracy, error_rate], opt_func=torch.optim.SGD, lr=LR)
+
+
+def imdb_frame() -> pd.DataFrame:
+    "160 training and 61 validation reviews of the IMDB sample (through the mirror), cut to 400 characters."
+    df = pd.read_csv(untar_data(URLs.IMDB_SAMPLE) / "texts.csv")
+    train = df[~df["is_valid"]].head(160)
+    valid = df[df["is_valid"]].head(61)
+    both = pd.concat([train, valid], ignore_index=True)
+    both["text"] = both["text"].str[:400]
+    return both
+
+
+def text_learner_for(bs: int, cache: Path) -> Learner:
+    "A tiny AWD-LSTM classifier without dropout or batch-norm (so the maths of two processes is that of one)."
+    dls = TextDataLoaders.from_df(imdb_frame(), text_col="text", label_col="label", valid_col="is_valid", bs=bs,
+                                  n_workers=1, cache_dir=cache, device="cpu")
+    set_seed(0)
+    config = dict(awd_lstm_clas_config, emb_sz=16, n_hid=24, n_layers=1)
+    learn = text_classifier_learner(dls, config=config, drop_mult=0.0, seq_len=24, metrics=[accuracy, error_rate])
+    without_batch_norm(learn.model)
+    learn.opt_func = torch.optim.SGD   # Adam would blow float rounding on tiny gradients up to whole steps
+    learn.lr = LR
+    return learn
+
+
+def language_model_for(bs: int, cache: Path) -> Learner:
+    "A tiny AWD-LSTM language model without dropout on the same reviews: streams of `bs` rows per process."
+    dls = TextDataLoaders.from_df(imdb_frame(), text_col="text", label_col="label", valid_col="is_valid", is_lm=True,
+                                  bs=bs, seq_len=16, n_workers=1, cache_dir=cache, device="cpu")
+    set_seed(0)
+    config = dict(awd_lstm_lm_config, emb_sz=16, n_hid=24, n_layers=1)
+    learn = language_model_learner(dls, config=config, drop_mult=0.0, pretrained=False)
+    learn.opt_func = torch.optim.SGD
+    learn.lr = LR
+    return learn
+
+
+def without_batch_norm(model: torch.nn.Module):
+    "Replace the batch-norm and dropout layers of `model` (the classifier's head) by identities, in place."
+    for module in model.modules():
+        for name, child in module.named_children():
+            if isinstance(child, (torch.nn.BatchNorm1d, torch.nn.Dropout)):
+                setattr(module, name, torch.nn.Identity())
+
+
+def image_learner_for(bs: int) -> Learner:
+    "64 MNIST-sample images (through the mirror), cached after their first epoch, with augmentation on the device."
+    path = untar_data(URLs.MNIST_SAMPLE)
+    fnames = sorted((path / "train" / "3").glob("*.png"))[:32] + sorted((path / "train" / "7").glob("*.png"))[:32]
+    dls = ImageDataLoaders.from_name_func(path, fnames, lambda f: f.parent.name, valid_pct=0.25, seed=0,
+                                          batch_tfms=aug_transforms(size=24), bs=bs, device="cpu", cache=True)
+    set_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    return Learner(dls, model, metrics=[accuracy], opt_func=torch.optim.SGD, lr=LR)
+
+
+class CountSteps(Callback):
+    "How many training batches this process took."
+    def __init__(self):
+        self.steps = 0
+
+    def after_batch(self, learn):
+        if learn.training:
+            self.steps += 1
+
+
+def predictions(learn: Learner, case: str) -> tuple:
+    "`get_preds()`; for a language model (whose batches differ in length, which get_preds cannot stack) `validate()`."
+    if case != "lm":
+        return learn.get_preds()
+    figures = learn.validate()
+    return torch.tensor(figures), torch.tensor(figures[1])   # loss, accuracy, perplexity; accuracy exactly
+
+
+class FirstEpochCache(Callback):
+    "The indices of the items this process's training loader cached in the first epoch (its share of it)."
+    def __init__(self):
+        self.indices = []
+
+    def after_train(self, learn):
+        if learn.epoch == 0:
+            self.indices = sorted(learn.dls.train._cached)
+
+
+def build_case(case: str, bs: int, folder: Path) -> Learner:
+    if case == "tabular":
+        return tabular_learner_for(bs)
+    if case == "text":
+        return text_learner_for(bs, folder / f"tokens{os.environ.get('RANK', '')}")
+    if case == "lm":
+        return language_model_for(bs, folder / f"tokens{os.environ.get('RANK', '')}")
+    return image_learner_for(bs)
+
+
+def case_worker(case: str, out: Path):
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    learn = build_case(case, BS, out)
+    steps = CountSteps()
+    cache = FirstEpochCache()
+    learn.add_cb(steps)
+    if case == "images":
+        learn.add_cb(cache)
+    with learn.distrib_ctx():
+        with learn.no_bar():
+            learn.fit(CASE_EPOCHS)
+        seed = learn.dls.train.sampler.seed
+        preds, targets = predictions(learn, case)
+    alone_preds, alone_targets = predictions(learn, case)   # the same weights, in this one process: what validation must give
+    result = {"alone_preds": alone_preds, "alone_targets": alone_targets,
+              "rank": rank, "seed": seed, "steps": steps.steps, "values": learn.recorder.values,
+              "weights": weights(learn), "preds": preds, "targets": targets, "cached": cache.indices,
+              "n_train": len(learn.dls.train.dataset)}
+    torch.save(result, out / f"rank{rank}.pt")
+
+
+def case_reference(case: str, seed: int, tmp_path: Path) -> dict:
+    "One process, the combined batch, the same seeded permutations (the samplers of a world of one)."
+    learn = build_case(case, BS * 2, tmp_path)
+    learn.add_cb(EpochPermutation())
+    steps = CountSteps()
+    learn.add_cb(steps)
+    for dl in learn.dls:
+        dl.sampler = ShardSampler(0, 1, seed=seed)
+    with learn.no_bar():
+        learn.fit(CASE_EPOCHS)
+    preds, targets = predictions(learn, case)
+    return {"steps": steps.steps, "values": learn.recorder.values, "weights": weights(learn), "preds": preds,
+            "targets": targets}
+
+
+def run_case(case: str, tmp_path: Path) -> list:
+    out = tmp_path / case
+    done = run_job(torchrun("--standalone", "--nproc_per_node", "2", __file__, case, str(out)))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+    assert ranks[0]["seed"] == ranks[1]["seed"]
+    assert ranks[0]["steps"] == ranks[1]["steps"] > 0          # the same number of steps on every process
+    return ranks
+
+
+def check_validation_as_one(ranks: list):
+    "Validation inside the context (gathered) gives what this one process gives with the same weights."
+    for result in ranks:
+        assert torch.equal(result["targets"], result["alone_targets"])
+        torch.testing.assert_close(result["preds"], result["alone_preds"], atol=1e-6, rtol=0)
+
+
+def check_trains_as_one(ranks: list, expected: dict):
+    for result in ranks:
+        assert result["steps"] == expected["steps"]
+        for name, tensor in expected["weights"].items():
+            torch.testing.assert_close(result["weights"][name], tensor, atol=1e-5, rtol=0)
+        assert [row[2:] for row in result["values"]] == [row[2:] for row in expected["values"]]   # metrics exactly
+        torch.testing.assert_close(torch.tensor(result["values"]), torch.tensor(expected["values"]), atol=1e-5, rtol=0)
+        assert torch.equal(result["targets"], expected["targets"])          # every item once, in the loader's order
+        torch.testing.assert_close(result["preds"], expected["preds"], atol=1e-5, rtol=0)
+
+
+def test_a_tabular_learner_trains_as_one_process_with_the_combined_batch(tmp_path):
+    ranks = run_case("tabular", tmp_path)
+    check_validation_as_one(ranks)
+    check_trains_as_one(ranks, case_reference("tabular", ranks[0]["seed"], tmp_path))
+
+
+def test_a_text_classifier_with_sortish_batches_trains_as_one_process(tmp_path):
+    """Sortish batches are made over the whole epoch and dealt, each padded to its combined batch's longest review:
+    batch k of both processes is batch k of one process with twice the batch size, validation batches included.
+    (An LSTM reads the padding before a review, so its predictions depend on how a batch is padded: they equal one
+    process's with the combined validation batch, not with the per-process one.)"""
+    ranks = run_case("text", tmp_path)
+    check_trains_as_one(ranks, case_reference("text", ranks[0]["seed"], tmp_path / "reference"))
+
+
+def test_a_language_model_trains_as_one_process_with_the_combined_rows(tmp_path):
+    "The stream is cut into `bs` rows per process and the rows dealt: batch k of all = one process's with all the rows."
+    ranks = run_case("lm", tmp_path)
+    check_trains_as_one(ranks, case_reference("lm", ranks[0]["seed"], tmp_path / "reference"))
+
+
+def test_cached_images_with_augmentation_on_the_device_are_shared_out(tmp_path):
+    ranks = run_case("images", tmp_path)
+    check_validation_as_one(ranks)
+    n_train = ranks[0]["n_train"]
+    cached = [set(result["cached"]) for result in ranks]
+    assert cached[0] | cached[1] == set(range(n_train))    # in the first epoch the processes together saw every item,
+    assert len(cached[0] & cached[1]) <= 1                 # each its own share (one repeat pads an odd count),
+    assert [len(share) for share in cached] == [-(-n_train // 2)] * 2   # and each cached that share only
+
+
 def main():
     parser = argparse.ArgumentParser(description="The worker torchrun runs for tests/test_distributed.py")
-    parser.add_argument("mode", choices=["train"])
+    parser.add_argument("mode", choices=["train", "tabular", "text", "lm", "images"])
     parser.add_argument("out", type=Path)
     parser.add_argument("--crash-rank", type=int, default=None)
     parser.add_argument("--resume", default=None)
     options = parser.parse_args()
     options.out.mkdir(parents=True, exist_ok=True)
-    worker(options.out, options.crash_rank, options.resume)
+    if options.mode == "train":
+        worker(options.out, options.crash_rank, options.resume)
+    else:
+        case_worker(options.mode, options.out)
 
 
 if __name__ == "__main__":

@@ -409,6 +409,7 @@ class TabularProcessor:
 # %% ../../nbs/lessons/05_tabular_data.ipynb #007286ac
 class TabularDataLoader(DataLoader):
     "Batches sliced from pre-encoded tensors with one tensor index per batch (no Python loop per row)."
+    honours_sampler = True  # draws its epoch through `epoch_order`: `learn.distrib_ctx()` can deal each process its share
     def __init__(self, tensors: tuple, processor: TabularProcessor, bs: int = 64, shuffle: bool = False,
                  drop_last: bool = False, device=None, n_inp: int = 2, rows: pd.DataFrame | None = None,
                  training: bool | None = None):
@@ -429,8 +430,8 @@ class TabularDataLoader(DataLoader):
         return self
 
     def __iter__(self):
-        n = len(self.dataset)
-        order = torch.randperm(n, device=self.device) if self.shuffle else torch.arange(n, device=self.device)
+        order = self.epoch_order().to(self.device)  # under `learn.distrib_ctx()`, only this process's share
+        n = len(order)
         stop = n - n % self.bs if self.drop_last else n
         for start in range(0, stop, self.bs):
             idx = order[start:start + self.bs]

@@ -57,7 +57,25 @@ def bptt_lengths(total: int, seq_len: int, n_batches: int, random: bool, generat
 
 class TextLoader:
     "What the two text loaders share: batches go to `self.device`; `one_batch` and `to` as on every coursekit loader."
+    honours_sampler = True  # `learn.distrib_ctx()` can give it a ShardSampler: each process then loads its share
+
     def one_batch(self) -> tuple: return next(iter(self))
+
+    def world_size(self) -> int:
+        "How many processes share each epoch: the sampler's world size (1 without a sampler)."
+        return 1 if self.sampler is None else self.sampler.world_size
+
+    def epoch_generator(self) -> torch.Generator | None:
+        "Under a sampler, a generator seeded as its epoch's permutation (the same draws on every process); else None."
+        if self.sampler is None:
+            return None
+        return torch.Generator().manual_seed(self.sampler.seed + self.sampler.epoch)
+
+    def epoch_permutation(self, n: int) -> torch.Tensor:
+        "A random order of `n` things for this epoch: the sampler's seeded one (the same on every process), else a fresh one."
+        if self.sampler is None:
+            return torch.randperm(n)
+        return self.sampler.order(n, shuffle=True)[:n]
 
     def to(self, device):
         "Send future batches to `device`; returns self."
@@ -72,24 +90,42 @@ class LMDataLoader(TextLoader):
         self.dataset, self.bs, self.seq_len, self.shuffle = dataset, bs, seq_len, shuffle
         self.device = torch.device(device) if device is not None else default_device()
         self.n_inp, self.training = 1, shuffle
+        self.sampler = None  # set by `learn.distrib_ctx()`: this process takes every `world_size`-th row of the stream
         self.n_tokens = int(sum(len(d) for d in dataset.docs))
-        self.row_len = (self.n_tokens - 1) // bs
         if self.row_len < 1:
             raise ValueError(f"{self.n_tokens} tokens are not enough for {bs} streams: lower bs.")
 
+    @property
+    def row_len(self) -> int:
+        "Tokens in each row: the stream cut into `bs` rows per process, over every process."
+        return (self.n_tokens - 1) // (self.bs * self.world_size())
+
     def __len__(self): return math.ceil(self.row_len / self.seq_len)
+
+    def epoch_rows(self) -> int:
+        "How many rows the batches of one epoch hold, every process together (what validation gathers)."
+        return len(self) * self.bs * self.world_size()
 
     def stream(self) -> torch.Tensor:
         "All documents end to end, shuffled first when `shuffle` is set."
-        order = torch.randperm(len(self.dataset)).tolist() if self.shuffle else range(len(self.dataset))
+        order = self.epoch_permutation(len(self.dataset)).tolist() if self.shuffle else range(len(self.dataset))
         return torch.from_numpy(np.concatenate([self.dataset.docs[i] for i in order]))
 
     def __iter__(self):
         tokens = self.stream()
-        n = self.row_len * self.bs
-        xs, ys = tokens[:n].view(self.bs, -1), tokens[1:n + 1].view(self.bs, -1)
+        rows = self.bs * self.world_size()
+        if self.row_len < 1:
+            raise ValueError(f"{self.n_tokens} tokens are not enough for {rows} streams over every process: lower bs.")
+        n = self.row_len * rows
+        xs = tokens[:n].view(rows, -1)
+        ys = tokens[1:n + 1].view(rows, -1)
+        if self.sampler is not None:
+            mine = self.sampler.indices(rows, shuffle=False)  # rows dealt like cards: batch k of all = one process's
+            xs = xs[mine]
+            ys = ys[mine]
         start = 0
-        for size in bptt_lengths(self.row_len, self.seq_len, len(self), random=self.shuffle):
+        sizes = bptt_lengths(self.row_len, self.seq_len, len(self), random=self.shuffle, generator=self.epoch_generator())
+        for size in sizes:
             yield (xs[:, start:start + size].to(self.device), ys[:, start:start + size].to(self.device))
             start += size
 
@@ -102,9 +138,9 @@ class LMDataLoader(TextLoader):
         return f"LMDataLoader({len(self.dataset)} docs, {self.n_tokens} tokens, bs={self.bs}, seq_len={self.seq_len})"
 
 # %% ../../nbs/lessons/04b_text_data.ipynb #7f3978c5
-def pad_batch(docs: list, pad_idx: int = 1, pad_first: bool = True) -> torch.Tensor:
-    "Stack token tensors of different lengths into one `(n, max_len)` tensor, padded with `pad_idx`."
-    out = torch.full((len(docs), max(len(d) for d in docs)), pad_idx, dtype=torch.long)
+def pad_batch(docs: list, pad_idx: int = 1, pad_first: bool = True, min_len: int = 0) -> torch.Tensor:
+    "Stack token tensors of different lengths into one `(n, max_len)` tensor (at least `min_len` long), padded with `pad_idx`."
+    out = torch.full((len(docs), max(min_len, *(len(d) for d in docs))), pad_idx, dtype=torch.long)
     for i, d in enumerate(docs):
         if len(d) == 0:
             continue
@@ -123,34 +159,47 @@ class SortedDataLoader(TextLoader):
         self.dataset, self.bs, self.shuffle, self.drop_last, self.pad_idx = dataset, bs, shuffle, drop_last, pad_idx
         self.device = torch.device(device) if device is not None else default_device()
         self.n_inp, self.training = 1, shuffle
+        self.sampler = None  # set by `learn.distrib_ctx()`: this process takes its share of every combined batch
         self._lengths = dataset.lengths()
 
     def __len__(self):
         n = len(self.dataset)
-        return n // self.bs if self.drop_last else math.ceil(n / self.bs)
+        combined = self.bs * self.world_size()
+        return n // combined if self.drop_last else math.ceil(n / combined)
 
     def order(self) -> list[int]:
         "The dataset indices in the order a non-shuffled pass yields them (longest first)."
         return np.argsort(-self._lengths, kind="stable").tolist()
 
-    def _index_batches(self) -> list[list[int]]:
+    def combined_batches(self) -> list[list[int]]:
+        "One epoch's batches of `bs` documents per process, every process together (`bs × world_size` each)."
+        bs = self.bs * self.world_size()
         if not self.shuffle:
             order = self.order()
-            return [order[i:i + self.bs] for i in range(0, len(order), self.bs)][:len(self)]
-        idx = torch.randperm(len(self.dataset)).numpy()
-        chunk = self.bs * 50
+            return [order[i:i + bs] for i in range(0, len(order), bs)][:len(self)]
+        idx = self.epoch_permutation(len(self.dataset)).numpy()
+        chunk = bs * 50
         chunks = np.split(idx, range(chunk, len(idx), chunk))
         sorted_idx = np.concatenate([c[np.argsort(-self._lengths[c], kind="stable")] for c in chunks])
-        batches = [sorted_idx[i:i + self.bs].tolist() for i in range(0, len(sorted_idx), self.bs)]
-        if self.drop_last and len(batches[-1]) < self.bs:
+        batches = [sorted_idx[i:i + bs].tolist() for i in range(0, len(sorted_idx), bs)]
+        if self.drop_last and len(batches[-1]) < bs:
             batches.pop()
         longest = int(np.argmax([self._lengths[b].max() for b in batches]))
         first, rest = batches[longest], batches[:longest] + batches[longest + 1:]
-        return [first] + [rest[i] for i in torch.randperm(len(rest)).tolist()]
+        return [first] + [rest[i] for i in self.epoch_permutation(len(rest)).tolist()]
+
+    def _index_batches(self) -> list[tuple[list[int], int]]:
+        "This process's batches: its documents, and the length of the longest document of the combined batch."
+        shares = []
+        for batch in self.combined_batches():
+            mine = batch if self.sampler is None else [batch[i] for i in self.sampler.indices(len(batch), shuffle=False)]
+            shares.append((mine, int(self._lengths[batch].max())))
+        return shares
 
     def __iter__(self):
-        for b in self._index_batches():
-            x = pad_batch([torch.from_numpy(self.dataset.docs[i]) for i in b], self.pad_idx).to(self.device)
+        for b, longest in self._index_batches():
+            docs = [torch.from_numpy(self.dataset.docs[i]) for i in b]
+            x = pad_batch(docs, self.pad_idx, min_len=longest).to(self.device)
             if self.dataset.labels is None:
                 yield (x,)
             else:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from coursekit.data.external import seed_weights_cache
 from coursekit.learner import Callback
+from coursekit.vision.data import get_image_files
 
 
 def synchronize(device: torch.device):
@@ -109,6 +110,21 @@ def write_synthetic_pets(folder: Path, n: int, classes: int = 37, width: int = 5
     with ProcessPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
         list(pool.map(_write_photo, jobs, chunksize=64))
     return [path for path, *_ in jobs]
+
+
+def pets_files(folder, tmp: Path, n: int, smoke: bool, result: dict) -> list:
+    "The images to train on: a folder's (the real pets), else `n` synthetic pets-sized JPEGs written to `tmp`; noted in `result`."
+    if folder is not None:
+        files = get_image_files(folder)
+        if not files:
+            raise SystemExit(f"No images in {folder}: give the folder of the pets' images (<breed>_<n>.jpg).")
+        result["data"] = str(folder)
+    else:
+        width, height = (80, 60) if smoke else (500, 375)
+        files = write_synthetic_pets(tmp, n, width=width, height=height)
+        result["data"] = f"synthetic {len(files)} JPEGs {width}x{height}, 37 classes told apart by colour"
+    result["images"] = len(files)
+    return files
 
 
 def print_result(result: dict):

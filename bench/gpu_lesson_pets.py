@@ -27,11 +27,11 @@ from pathlib import Path
 
 from coursekit.core import default_device, set_seed
 from coursekit.metrics import error_rate
-from coursekit.vision.data import ImageDataLoaders, Normalize, Resize, aug_transforms, get_image_files
+from coursekit.vision.data import ImageDataLoaders, Normalize, Resize, aug_transforms
 from coursekit.vision.learner import backbone_stats, cnn_learner
 
 from gpu_common import device_info, peak_memory_gb, print_result, reset_peak_memory, synchronize, weights_present
-from gpu_common import write_synthetic_pets
+from gpu_common import pets_files
 
 PETS_PATTERN = r"^(.*)_\d+\.jpg$"
 
@@ -122,16 +122,7 @@ def main(argv=None):
     cache = True if args.cache == "true" else "auto"
     result = {"bench": "gpu_lesson_pets", **device_info(device), "smoke": args.smoke, "settings": vars(s)}
     with tempfile.TemporaryDirectory(prefix="coursekit-pets-") as tmp:
-        if args.folder is not None:
-            files = get_image_files(args.folder)
-            if not files:
-                raise SystemExit(f"No images in {args.folder}: give the folder of the pets' images (<breed>_<n>.jpg).")
-            result["data"] = str(args.folder)
-        else:
-            width, height = (80, 60) if args.smoke else (500, 375)
-            files = write_synthetic_pets(Path(tmp), args.n, width=width, height=height)
-            result["data"] = f"synthetic {len(files)} JPEGs {width}x{height}, 37 classes told apart by colour"
-        result["images"] = len(files)
+        files = pets_files(args.folder, Path(tmp), args.n, args.smoke, result)
         result.update(lesson(files, s, cache, device, fp32=False))
         if args.compare_fp32:
             fp32 = lesson(files, s, cache, device, fp32=True)

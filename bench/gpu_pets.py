@@ -26,12 +26,12 @@ from pathlib import Path
 from coursekit.core import default_device, set_seed
 from coursekit.data.core import build_cache
 from coursekit.metrics import error_rate
-from coursekit.vision.data import (AffineAugment, ImageDataLoaders, Normalize, Resize, get_image_files, imagenet_stats,
+from coursekit.vision.data import (AffineAugment, ImageDataLoaders, Normalize, Resize, imagenet_stats,
                                    load_image, load_images)
 from coursekit.vision.learner import cnn_learner
 
 from gpu_common import (StepTimer, device_info, peak_memory_gb, print_result, reset_peak_memory, synchronize,
-                        weights_present, write_synthetic_pets)
+                        weights_present, pets_files)
 
 PETS_PATTERN = r"^(.+)_\d+\.\w+$"
 
@@ -108,16 +108,7 @@ def main(argv=None):
     result = {"bench": "gpu_pets", **device_info(device), "smoke": args.smoke, "arch": args.arch, "size": args.size,
               "presize": args.presize, "bs": args.bs}
     with tempfile.TemporaryDirectory(prefix="coursekit-pets-") as tmp:
-        if args.folder is not None:
-            files = get_image_files(args.folder)
-            if not files:
-                raise SystemExit(f"No images in {args.folder}: give the folder of the pets' images (<breed>_<n>.jpg).")
-            result["data"] = str(args.folder)
-        else:
-            width, height = (80, 60) if args.smoke else (500, 375)
-            files = write_synthetic_pets(Path(tmp), args.n, width=width, height=height)
-            result["data"] = f"synthetic {len(files)} JPEGs {width}x{height}, 37 classes"
-        result["images"] = len(files)
+        files = pets_files(args.folder, Path(tmp), args.n, args.smoke, result)
         result.update(run(files, args, device))
     print_result(result)
 

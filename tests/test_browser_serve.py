@@ -5,12 +5,7 @@ page, chooses a mirror photo in the file input, and checks that the page shows t
 gives, the top probabilities and the time taken; then sends a text file and checks the error shown.
 Saves `test-artifacts/serve.png`. It never skips: without Chromium or Playwright it fails and says how to
 install them."""
-import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,41 +15,10 @@ from coursekit.learner import load_learner
 from serve_model import export_small_model, mirror_photos
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from bench_serve import free_port, start_server, stop  # noqa: E402  (the load benchmark's server helpers)
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM = "/usr/bin/chromium"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, port: int, log: Path) -> subprocess.Popen:
-    "`coursekit serve MODEL --port PORT` in its own process, once /health answers."
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "coursekit.cli", "serve", str(model), "--port", str(port)]
-    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"coursekit serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            time.sleep(0.3)
-    proc.kill()
-    pytest.fail(f"coursekit serve did not answer within 120 s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen):
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=15)
 
 
 @pytest.mark.browser

@@ -7,8 +7,8 @@ of the data, predictions gathered from every process, files written once, and `n
 __all__ = ['LAUNCH_VARIABLES', 'BN_LAYERS', 'launched', 'group_ready', 'rank_distrib', 'num_distrib', 'local_rank_distrib',
            'rank_device', 'backend_for', 'setup_distrib', 'teardown_distrib', 'distrib_barrier', 'broadcast_object',
            'rank0_first', 'write_on_rank0', 'ShardSampler', 'interleave', 'gather_batch', 'mean_over_ranks',
-           'sync_buffers', 'wrap_ddp', 'with_sync_bn', 'free_port', 'launch_method', 'check_can_launch',
-           'notebook_launcher']
+           'sync_buffers', 'wrap_ddp', 'with_sync_bn', 'batchnorm_layers', 'restore_batchnorm', 'free_port',
+           'launch_method', 'check_can_launch', 'notebook_launcher']
 
 # %% ../nbs/core/12_distributed.ipynb #9cce8c07
 import os
@@ -209,6 +209,21 @@ def with_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
             print("distrib_ctx: SyncBatchNorm runs only on GPUs; on the CPU each process normalises its own batch.")
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+# %% ../nbs/core/12_distributed.ipynb #d41b7a11
+def batchnorm_layers(model: nn.Module) -> dict:
+    "Every batch-norm layer of `model` by its name: what `restore_batchnorm` puts back after a SyncBatchNorm conversion."
+    return {name: module for name, module in model.named_modules() if name and isinstance(module, BN_LAYERS)}
+
+def restore_batchnorm(model: nn.Module, layers: dict):
+    "Put `layers` back at their names in `model`, with the statistics and weights the layers there now hold."
+    for name, original in layers.items():
+        current = model.get_submodule(name)
+        if current is original:
+            continue
+        original.load_state_dict(current.state_dict())
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, original)
 
 # %% ../nbs/core/12_distributed.ipynb #506cdd85
 def free_port() -> int:

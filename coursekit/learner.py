@@ -17,9 +17,9 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'TrainingDefaul
            'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks', 'ResumeMixin',
            'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows', 'summary_table',
            'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable', 'rows_to_gather',
-           'same_named_modules', 'DistributedCallback', 'DistributedMixin', 'finder_result', 'predictions_per_epoch',
-           'DoctorMixin', 'Learner', 'inference_precision', 'load_learner', 'simple_mlp', 'sigmoid_range',
-           'SigmoidRange']
+           'held_names', 'named_modules', 'DistributedCallback', 'DistributedMixin', 'finder_result',
+           'predictions_per_epoch', 'DoctorMixin', 'Learner', 'inference_precision', 'load_learner', 'simple_mlp',
+           'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -48,7 +48,8 @@ from .schedule import one_cycle_schedules, sched_exp
 from .persist import read_training_checkpoint, restore_rng_states, rng_states, save_training_checkpoint
 from .from_fastai import FastaiName, renamed_keywords
 from .data.core import DataLoader
-from .distributed import (ShardSampler, broadcast_object, distrib_barrier, gather_batch, launched, mean_over_ranks,
+from .distributed import (ShardSampler, batchnorm_layers, broadcast_object, distrib_barrier, gather_batch, launched,
+                                   mean_over_ranks, restore_batchnorm,
                                    num_distrib, rank_distrib, setup_distrib, sync_buffers, teardown_distrib, with_sync_bn,
                                    wrap_ddp, write_on_rank0)
 
@@ -1333,11 +1334,15 @@ def rows_to_gather(dl) -> int:
         return dl.epoch_rows()  # a language-model loader: every batch holds rows of the same streams
     return len(dl.dataset)
 
-def same_named_modules(source: nn.Module, target: nn.Module, modules: list) -> list:
-    "The modules of `target` named as `modules` are in `source` (a conversion such as SyncBatchNorm's keeps the names)."
-    names = {id(module): name for name, module in source.named_modules()}
-    found = dict(target.named_modules())
-    return [found[names[id(module)]] for module in modules if id(module) in names]
+def held_names(model: nn.Module, modules: list) -> list:
+    "The names in `model` of `modules` (the batch-norm layers a learner holds)."
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(module)] for module in modules if id(module) in names]
+
+def named_modules(model: nn.Module, names: list) -> list:
+    "The modules of `model` with these names."
+    found = dict(model.named_modules())
+    return [found[name] for name in names]
 
 class DistributedCallback(Callback):
     "Added by `distrib_ctx`: DDP while a fit trains, the epoch's permutation, losses averaged, validation gathered."
@@ -1407,10 +1412,12 @@ class DistributedMixin:
         bars = [cb for cb in self.cbs if isinstance(cb, ProgressCallback)]
         shown = [cb.notebook for cb in bars]
         callback = DistributedCallback(device)
+        originals = batchnorm_layers(model)  # SyncBatchNorm's conversion changes `model` in place: undone on exit
+        held = held_names(model, self.held_bn)  # train_bn=False holds layers by identity: found again by name
         try:
             self.dls.to(device)
             self.model = with_sync_bn(model.to(device), device) if sync_bn else model.to(device)
-            self.held_bn = same_named_modules(model, self.model, self.held_bn)  # train_bn=False holds the converted layers
+            self.held_bn = named_modules(self.model, held)
             for dl in self.dls:
                 dl.sampler = ShardSampler(rank_distrib(), num_distrib())
             for cb in bars:
@@ -1428,7 +1435,8 @@ class DistributedMixin:
                     self.add_cb(cb)
             for dl in self.dls:
                 dl.sampler = None
-            self.held_bn = same_named_modules(self.model, model, self.held_bn)
+            restore_batchnorm(model, originals)
+            self.held_bn = named_modules(model, held)
             self.model = model.to(home)
             self.dls.to(home)
             teardown_distrib()

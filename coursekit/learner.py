@@ -15,11 +15,11 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'TrainingDefaul
            'learner_defaults', 'fused_adam', 'is_image_batch', 'to_memory_format', 'set_cudnn_benchmark',
            'PrecisionMixin', 'CompileMixin', 'activate_preds', 'decode_preds', 'per_item_losses', 'PredictionCollector',
            'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks', 'ResumeMixin',
-           'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'layer_rows', 'summary_table',
-           'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable', 'check_shardable', 'rows_to_gather',
-           'held_names', 'named_modules', 'DistributedCallback', 'DistributedMixin', 'finder_result',
-           'predictions_per_epoch', 'DoctorMixin', 'Learner', 'inference_precision', 'load_learner', 'simple_mlp',
-           'sigmoid_range', 'SigmoidRange']
+           'SummaryText', 'shape_text', 'trainable_text', 'summarised_modules', 'parameter_owners', 'rows_of_calls',
+           'layer_rows', 'summary_table', 'SummaryMixin', 'check_tta_loader', 'TTAMixin', 'shardable',
+           'check_shardable', 'rows_to_gather', 'held_names', 'named_modules', 'DistributedCallback',
+           'DistributedMixin', 'finder_result', 'predictions_per_epoch', 'DoctorMixin', 'Learner',
+           'inference_precision', 'load_learner', 'simple_mlp', 'sigmoid_range', 'SigmoidRange']
 
 # %% ../nbs/core/06_learner.ipynb #2bc2bdfb
 import copy
@@ -1214,17 +1214,44 @@ def summarised_modules(model: nn.Module) -> list:
     "The modules that get a row: the leaves, and any module with parameters of its own."
     return [m for m in model.modules() if not list(m.children()) or list(m.parameters(recurse=False))]
 
+def parameter_owners(model: nn.Module, called: set) -> dict:
+    "Whose row counts each module's own parameters: its own if it was called, else its nearest called ancestor's."
+    parents = {child: parent for parent in model.modules() for child in parent.children()}
+    owners = {}
+    for module in summarised_modules(model):
+        owner = module
+        while owner is not None and owner not in called:
+            owner = parents.get(owner)
+        if owner is not None:
+            owners[module] = owner
+    return owners
+
+def rows_of_calls(model: nn.Module, calls: list) -> list:
+    "One `SummaryRow` per (module, shape) call; a wrapper running an uncalled child's weights counts them (WeightDropout)."
+    summarised = set(summarised_modules(model))
+    params, wrapped = {}, {}
+    for module, owner in parameter_owners(model, {module for module, _ in calls}).items():
+        own = list(module.parameters(recurse=False))
+        params.setdefault(owner, []).extend(own)
+        if owner is not module and own:
+            wrapped.setdefault(owner, []).append(type(module).__name__)
+    rows, seen = [], set()
+    for module, shape in calls:
+        if module not in summarised and module not in wrapped:
+            continue
+        counted = [] if module in seen else params.get(module, [])
+        seen.add(module)
+        layer = type(module).__name__ + (f" ({', '.join(wrapped[module])})" if module in wrapped else "")
+        rows.append(SummaryRow(layer, shape, sum(p.numel() for p in counted), trainable_text(counted)))
+    return rows
+
 def layer_rows(model: nn.Module, inputs: tuple) -> list:
     "One `SummaryRow` per module call of a forward pass on `inputs`: no gradients, every module's mode restored."
-    rows = []
-    seen = set()
+    calls = []
     def record(module, args, output):
-        params = [] if module in seen else list(module.parameters(recurse=False))
-        seen.add(module)
-        rows.append(SummaryRow(type(module).__name__, shape_text(output), sum(p.numel() for p in params),
-                               trainable_text(params)))
+        calls.append((module, shape_text(output)))
     modes = {module: module.training for module in model.modules()}
-    hooks = [module.register_forward_hook(record) for module in summarised_modules(model)]
+    hooks = [module.register_forward_hook(record) for module in model.modules()]
     try:
         model.eval()
         with torch.no_grad():
@@ -1234,17 +1261,18 @@ def layer_rows(model: nn.Module, inputs: tuple) -> list:
             hook.remove()
         for module, training in modes.items():
             module.training = training
-    return rows
+    return rows_of_calls(model, calls)
 
 def summary_table(model: nn.Module, inputs: tuple, rows: list) -> str:
     "fastai's layout: the input shape, then `Layer (type)  Output Shape  Param #  Trainable`, then the totals."
     params = list(model.parameters())
     n_trainable = sum(p.numel() for p in params if p.requires_grad)
     n_total = sum(p.numel() for p in params)
-    rule = "=" * 72
+    width = max([24] + [len(row.layer) + 2 for row in rows])  # the layer column fits its longest name
+    rule = "=" * (width + 48)
     lines = [f"{type(model).__name__} (Input shape: {', '.join(shape_text(x) for x in inputs)})", rule,
-             f"{'Layer (type)':<24}{'Output Shape':<24}{'Param #':<12}Trainable", rule]
-    lines += [f"{row.layer:<24}{row.shape:<24}{row.params:<12,}{row.trainable}" for row in rows]
+             f"{'Layer (type)':<{width}}{'Output Shape':<24}{'Param #':<12}Trainable", rule]
+    lines += [f"{row.layer:<{width}}{row.shape:<24}{row.params:<12,}{row.trainable}" for row in rows]
     lines += [rule, f"Total params: {n_total:,}", f"Total trainable params: {n_trainable:,}",
               f"Total non-trainable params: {n_total - n_trainable:,}"]
     return "\n".join(lines)

@@ -5,22 +5,23 @@ numbers behind it."""
 
 # %% auto #0
 __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIPLE', 'BARELY_MOVES', 'LOWER_IS_BETTER',
-           'HIGHER_IS_BETTER', 'RATES', 'LOSS_RISE', 'PROBLEMS', 'FITTING_WAITS', 'FitHistory', 'FinderResult',
-           'finding_title', 'DoctorReport', 'unsmoothed', 'loss_windows', 'describe_lr', 'finder_advice',
-           'difference_noise', 'non_finite_finding', 'divergence_finding', 'oscillation_finding', 'check_lr_too_high',
-           'check_lr_too_low', 'metric_direction', 'judged_metric', 'rate_difference_error', 'items_to_resolve',
-           'check_underfitting', 'worsening', 'overfitting_sentence', 'metric_overfitting', 'loss_overfitting',
-           'check_overfitting', 'check_fitting', 'check_lr_choice', 'check_claimed_gap', 'is_finder_run',
-           'lr_find_only_report', 'healthy_sentence', 'check_learning_rate', 'diagnose']
+           'HIGHER_IS_BETTER', 'RATES', 'LOSS_RISE', 'PROBLEMS', 'UNSETTLED', 'FITTING_WAITS', 'FitHistory',
+           'FinderResult', 'finding_title', 'DoctorReport', 'unsmoothed', 'loss_windows', 'describe_lr',
+           'finder_advice', 'difference_noise', 'non_finite_finding', 'divergence_finding', 'oscillation_finding',
+           'check_lr_too_high', 'check_lr_too_low', 'metric_direction', 'judged_metric', 'rate_difference_error',
+           'items_to_resolve', 'check_underfitting', 'worsening', 'overfitting_sentence', 'worse_once_finding',
+           'metric_overfitting', 'loss_overfitting', 'check_overfitting', 'check_fitting', 'check_lr_choice',
+           'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'looks_healthy', 'healthy_sentence',
+           'check_learning_rate', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #50720d4e
+# %% ../nbs/core/13_doctor.ipynb #9e57206e
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #aa2847e3
+# %% ../nbs/core/13_doctor.ipynb #98339df0
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -71,7 +72,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #c0cb5d45
+# %% ../nbs/core/13_doctor.ipynb #c0226483
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -93,7 +94,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #c6ac8838
+# %% ../nbs/core/13_doctor.ipynb #63524269
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -179,7 +180,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #a0ba1a4b
+# %% ../nbs/core/13_doctor.ipynb #8af6f4ba
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -202,7 +203,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #ad109241
+# %% ../nbs/core/13_doctor.ipynb #76f9c4f9
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -211,7 +212,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #76f35a9c
+# %% ../nbs/core/13_doctor.ipynb #94c6341f
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -233,6 +234,14 @@ def overfitting_sentence(name: str, series, best: int, train) -> str:
             f"over-fitting. Train for fewer epochs (about {best + 1} here), or get more data, augment it, or add "
             "weight decay or dropout.")
 
+def worse_once_finding(name: str, series, best: int) -> tuple:
+    "`cannot_tell_overfitting`: a metric of unknown noise worse at the last epoch only (not yet the two epochs asked)."
+    return ("cannot_tell_overfitting", f"The validation {name} is worse at the last epoch ({series[best]:.4g} at epoch "
+                                       f"{best + 1}, {series[-1]:.4g} at epoch {len(series)}) while the training loss "
+                                       f"fell. One epoch cannot tell over-fitting from noise (the doctor knows the noise "
+                                       f"of an accuracy or an error rate only): train an epoch or two more and ask "
+                                       f"again; if the {name} keeps worsening, the model is over-fitting.")
+
 def metric_overfitting(table: np.ndarray, judged: tuple, n_valid: int | None) -> list:
     "`overfitting` or `valid_too_small` from the judged metric's column, [] when it did not worsen as training fell."
     name, column, direction = judged
@@ -243,7 +252,7 @@ def metric_overfitting(table: np.ndarray, judged: tuple, n_valid: int | None) ->
         return []
     overfitting = [("overfitting", overfitting_sentence(name, series, best, train))]
     if name not in RATES or not n_valid:  # no known noise: the worsening must last two epochs
-        return overfitting if len(series) - 1 - best >= 2 else []
+        return overfitting if len(series) - 1 - best >= 2 else [worse_once_finding(name, series, best)]
     noise = rate_difference_error(float(np.mean(series[[best, -1]])), n_valid)
     if worse > 2 * noise:
         return overfitting
@@ -293,7 +302,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #dd3e2f0b
+# %% ../nbs/core/13_doctor.ipynb #4fa41d71
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -330,9 +339,10 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #13c6533b
+# %% ../nbs/core/13_doctor.ipynb #ae1da63b
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished")
+UNSETTLED = ("cannot_tell_progress", "cannot_tell_overfitting")   # neither a problem nor healthy: the doctor cannot tell
 
 def is_finder_run(recorder_lrs: list, finder_lrs: list) -> bool:
     "True when the recorder's batches are the finder's: the last run was `lr_find` (which may stop a batch early)."
@@ -345,6 +355,13 @@ def lr_find_only_report(n_steps: int) -> DoctorReport:
     return DoctorReport([("lr_find_only", f"The recorder's last run is lr_find ({n_steps} batches at rising learning "
                                           "rates), not a fit: choose a rate from its plot, train "
                                           "(learn.fit_one_cycle(...)), then ask the doctor.")])
+
+def looks_healthy(findings: list, history: FitHistory, batch_losses) -> bool:
+    "No problem and nothing unsettled among `findings`, with the numbers to say so: 4 batches or more, a validation loss."
+    codes = [code for code, _ in findings]
+    if any(code in PROBLEMS or code in UNSETTLED for code in codes):
+        return False
+    return len(batch_losses) >= 4 and bool(history.values) and math.isfinite(history.values[-1][1])
 
 def healthy_sentence(history: FitHistory, batch_losses) -> str:
     "What a fit with no finding looks like, in numbers."
@@ -387,7 +404,6 @@ def diagnose(history: FitHistory, finder=None, claimed_gap: float | None = None)
     findings += check_lr_choice(history.lrs, finder)
     if claimed_gap is not None:
         findings += check_claimed_gap(history, claimed_gap)
-    problems = [code for code, _ in findings if code in PROBLEMS]
-    if not problems and len(batch_losses) >= 4 and history.values:
+    if looks_healthy(findings, history, batch_losses):
         findings.insert(0, ("healthy", healthy_sentence(history, batch_losses)))
     return DoctorReport(findings)

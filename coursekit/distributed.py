@@ -8,10 +8,11 @@ __all__ = ['LAUNCH_VARIABLES', 'BN_LAYERS', 'launched', 'group_ready', 'rank_dis
            'rank_device', 'backend_for', 'setup_distrib', 'teardown_distrib', 'distrib_barrier', 'broadcast_object',
            'rank0_first', 'write_on_rank0', 'ShardSampler', 'interleave', 'gather_batch', 'mean_over_ranks',
            'sync_buffers', 'wrap_ddp', 'with_sync_bn', 'batchnorm_layers', 'restore_batchnorm', 'free_port',
-           'launch_method', 'check_can_launch', 'notebook_launcher']
+           'launch_method', 'check_launch_arguments', 'check_can_launch', 'notebook_launcher']
 
-# %% ../nbs/core/12_distributed.ipynb #9cce8c07
+# %% ../nbs/core/12_distributed.ipynb #ff805e87
 import os
+import pickle
 import socket
 import tempfile
 from datetime import timedelta
@@ -23,7 +24,7 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-# %% ../nbs/core/12_distributed.ipynb #43251d45
+# %% ../nbs/core/12_distributed.ipynb #b8738d7b
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 def launched() -> bool:
@@ -50,7 +51,7 @@ def local_rank_distrib() -> int:
     "This process's rank on its own machine: which GPU it uses (0 when not distributed)."
     return int(os.environ.get("LOCAL_RANK", 0))
 
-# %% ../nbs/core/12_distributed.ipynb #36971f35
+# %% ../nbs/core/12_distributed.ipynb #51b8a049
 _JOINED = {"by_us": False}  # whether setup_distrib created the group (then teardown_distrib destroys it)
 
 def rank_device() -> torch.device:
@@ -84,7 +85,7 @@ def teardown_distrib():
         dist.destroy_process_group()
     _JOINED["by_us"] = False
 
-# %% ../nbs/core/12_distributed.ipynb #a1a010e6
+# %% ../nbs/core/12_distributed.ipynb #13dcd2ac
 def distrib_barrier():
     "Wait until every process gets here (nothing to wait for outside a process group)."
     if group_ready():
@@ -127,7 +128,7 @@ def write_on_rank0(write, *args, **kwargs):
     if message is not None:
         raise RuntimeError(f"Rank 0 failed to write a file, so this rank stops too: {message}")
 
-# %% ../nbs/core/12_distributed.ipynb #6f7f51a4
+# %% ../nbs/core/12_distributed.ipynb #53c76518
 class ShardSampler:
     "Every rank draws the epoch's seeded permutation, padded by repeats, and takes every `world_size`-th index from `rank`."
     def __init__(self, rank: int, world_size: int, seed: int = 0):
@@ -164,7 +165,7 @@ class ShardSampler:
     def __repr__(self):
         return f"ShardSampler(rank={self.rank}, world_size={self.world_size}, seed={self.seed}, epoch={self.epoch})"
 
-# %% ../nbs/core/12_distributed.ipynb #d187ce8c
+# %% ../nbs/core/12_distributed.ipynb #d42eec28
 def interleave(parts: list) -> torch.Tensor:
     "Tensors of the same shape, one per rank, dealt back in order: part 0's first row, part 1's first row, ..."
     return torch.stack(parts, dim=1).flatten(0, 1)
@@ -192,7 +193,7 @@ def sync_buffers(model: nn.Module):
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
 
-# %% ../nbs/core/12_distributed.ipynb #c3c80933
+# %% ../nbs/core/12_distributed.ipynb #c0bd4718
 BN_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> DistributedDataParallel:
@@ -210,7 +211,7 @@ def with_sync_bn(model: nn.Module, device: torch.device) -> nn.Module:
         return model
     return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-# %% ../nbs/core/12_distributed.ipynb #d41b7a11
+# %% ../nbs/core/12_distributed.ipynb #442ea79a
 def batchnorm_layers(model: nn.Module) -> dict:
     "Every batch-norm layer of `model` by its name: what `restore_batchnorm` puts back after a SyncBatchNorm conversion."
     return {name: module for name, module in model.named_modules() if name and isinstance(module, BN_LAYERS)}
@@ -225,7 +226,7 @@ def restore_batchnorm(model: nn.Module, layers: dict):
         parent_name, _, child_name = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child_name, original)
 
-# %% ../nbs/core/12_distributed.ipynb #506cdd85
+# %% ../nbs/core/12_distributed.ipynb #47b3d618
 def free_port() -> int:
     "A TCP port nobody listens on at the moment, on 127.0.0.1."
     with socket.socket() as probe:
@@ -244,6 +245,21 @@ def _launched_worker(index: int, fn, args: tuple, world_size: int, port: int, re
     if index == 0:
         torch.save(result, result_file)
 
+def check_launch_arguments(fn, args, num_processes, method: str):
+    "Refuse arguments `notebook_launcher` cannot start workers with, naming the one that is wrong."
+    if isinstance(num_processes, bool) or not isinstance(num_processes, int):
+        raise TypeError(f"num_processes must be a whole number of processes, got {num_processes!r}.")
+    if not isinstance(args, (tuple, list)):
+        raise TypeError(f"args is the tuple of fn's arguments, got {args!r}: write args=({args!r},) for one argument.")
+    if method != "spawn":
+        return
+    try:
+        pickle.dumps(fn)
+    except (pickle.PicklingError, AttributeError, TypeError) as err:
+        raise TypeError(f"start_method='spawn' starts fresh workers that import fn by name, and {fn!r} cannot be "
+                        "imported that way (a lambda, a closure or a function defined in a notebook): define it in a "
+                        "module (a .py file) and import it, or use the default 'fork' where the system has it.") from err
+
 def check_can_launch(num_processes: int, method: str):
     "Refuse what `notebook_launcher` cannot do, saying how to do it instead."
     if num_processes < 1:
@@ -259,6 +275,7 @@ def check_can_launch(num_processes: int, method: str):
 def notebook_launcher(fn, args: tuple = (), num_processes: int = 2, start_method: str | None = None):
     "Run `fn(*args)` in `num_processes` workers set up as torchrun would (ranks, a free port); returns rank 0's result."
     method = start_method or launch_method()
+    check_launch_arguments(fn, args, num_processes, method)
     check_can_launch(num_processes, method)
     with tempfile.TemporaryDirectory(prefix="coursekit-launch-") as folder:
         result_file = str(Path(folder) / "result.pt")
@@ -272,6 +289,10 @@ def notebook_launcher(fn, args: tuple = (), num_processes: int = 2, start_method
             raise
         except mp.ProcessExitedException as err:
             err.add_note(f"Worker {err.error_index} of {num_processes} died without a Python error (exit code "
-                         f"{err.exit_code}: killed, or out of memory?); the other workers were stopped.")
+                         f"{err.exit_code}: sys.exit() in the function, or killed, or out of memory?); the other "
+                         "workers were stopped.")
             raise
-        return torch.load(result_file, weights_only=False) if os.path.exists(result_file) else None
+        if not os.path.exists(result_file):
+            raise RuntimeError(f"Worker 0 of {num_processes} ended without returning from {fn!r} (sys.exit(0) or "
+                               "os._exit() inside it?), so there is no result: return from the function instead.")
+        return torch.load(result_file, weights_only=False)

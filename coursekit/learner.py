@@ -1433,6 +1433,9 @@ class DistributedMixin:
             print("distrib_ctx: not started by torchrun or notebook_launcher, so this learner trains in this one process.")
             yield self
             return
+        if any(isinstance(cb, DistributedCallback) for cb in self.cbs):  # the inner exit would end the outer's group
+            raise RuntimeError("This learner is already inside learn.distrib_ctx(): use one context around all of "
+                               "its training (the inner one would unwrap the model and end the process group).")
         check_shardable(self.dls)
         device = setup_distrib(timeout_s)
         model = self.model
@@ -1513,8 +1516,8 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
             loss_func = getattr(dls, "loss_func", None)
         if loss_func is None:
             raise ValueError("No loss_func given and the DataLoaders have no default: pass one, e.g. CrossEntropyLossFlat().")
-        if accum < 1:
-            raise ValueError(f"accum must be a whole number of batches >= 1, got {accum}")
+        if not isinstance(accum, int) or accum < 1:  # accum=2.5 would step once an epoch: (iter + 1) % 2.5 is never 0
+            raise ValueError(f"accum must be a whole number of batches >= 1, got {accum!r}")
         if precision is not None and precision not in AMP_DTYPES:
             raise ValueError(f"precision must be one of {list(AMP_DTYPES)} (or None: the device's default), got {precision!r}")
         if isinstance(loss_func, nn.Module):

@@ -957,6 +957,9 @@ class PrecisionMixin:
 
     def _use_memory_format(self, channels_last: bool):
         "Set `self.channels_last` and move the model's weights to that layout; returns self."
+        if channels_last and any(isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) for m in self.model.modules()):
+            raise ValueError("to_channelslast() is for 2-d convolutions: this model has Conv3d layers, whose 5-d "
+                             "weights the channels_last layout cannot hold. Keep it contiguous (the default).")
         self.channels_last = channels_last
         self.model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         return self

@@ -282,3 +282,16 @@ def nested_contexts():
 def test_distrib_ctx_refuses_to_nest():
     "A nested distrib_ctx ended the process group and removed the DDP callback on exit: the outer one trained plain."
     assert notebook_launcher(nested_contexts, num_processes=2)
+
+
+def test_channels_last_names_the_3d_convolution(tmp_path):
+    "to_channelslast() on a Conv3d model: a raw 'required rank 4 tensor' error, and learn.channels_last left True."
+    x = torch.randn(16, 2, 3, 4, 4)
+    items = list(zip(x, (x.mean((1, 2, 3, 4)) > 0).long()))
+    dls = DataLoaders.from_dsets(items[:12], items[12:], bs=4, device="cpu", vocab=["a", "b"])
+    model = nn.Sequential(nn.Conv3d(2, 4, 3), nn.AdaptiveAvgPool3d(1), nn.Flatten(), nn.Linear(4, 2))
+    learn = quiet(Learner(dls, model, path=tmp_path))
+    with pytest.raises(ValueError, match="Conv3d"):
+        learn.to_channelslast()
+    assert learn.channels_last is False
+    learn.fit(1)

@@ -318,12 +318,17 @@ class Perplexity:
         self.counts = []
 
     def accumulate(self, learn):
-        "Add the current batch's loss (kept on the device), weighted by its number of target tokens."
-        self.losses.append(learn.loss.detach().float())
-        self.counts.append(learn.yb[0].numel())
+        "Add the current batch's loss (kept on the device), weighted by its target tokens (those the loss does not ignore)."
+        target = learn.yb[0]
+        ignored = getattr(getattr(learn, "loss_func", None), "ignore_index", None)  # padding, when the loss skips it
+        tokens = target.numel() if ignored is None else (target != ignored).sum()
+        self.losses.append(torch.nan_to_num(learn.loss.detach().float() * tokens))  # an all-padding batch: 0, not NaN
+        self.counts.append(torch.as_tensor(tokens, dtype=torch.float, device=target.device))
 
     @property
     def value(self) -> float:
         "`exp` of the token-weighted mean loss so far (NaN before any batch)."
-        mean_loss = weighted_mean(self.losses, self.counts)
-        return float(torch.tensor(mean_loss, dtype=torch.float64).exp())
+        if not self.losses:
+            return float("nan")
+        mean_loss = torch.stack(self.losses).sum().double() / torch.stack(self.counts).sum().double()
+        return float(mean_loss.exp())

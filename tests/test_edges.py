@@ -295,3 +295,23 @@ def test_channels_last_names_the_3d_convolution(tmp_path):
         learn.to_channelslast()
     assert learn.channels_last is False
     learn.fit(1)
+
+
+def test_perplexity_counts_the_tokens_the_loss_counts():
+    "Padded targets (ignore_index): the padding weighed in each batch's share, so the perplexity was off."
+    from types import SimpleNamespace
+    from coursekit.metrics import Perplexity
+    torch.manual_seed(0)
+    loss_func = CrossEntropyLossFlat(ignore_index=-100)
+    perplexity = Perplexity()
+    perplexity.reset()
+    all_losses = []
+    for n_real in (10, 2):
+        preds = torch.randn(1, 10, 5)
+        targets = torch.randint(0, 5, (1, 10))
+        targets[0, n_real:] = -100  # padding
+        learn = SimpleNamespace(loss=loss_func(preds, targets), yb=(targets,), loss_func=loss_func)
+        perplexity.accumulate(learn)
+        all_losses.append(torch.nn.functional.cross_entropy(preds[0, :n_real], targets[0, :n_real], reduction="none"))
+    expected = float(torch.cat(all_losses).mean().exp())
+    assert perplexity.value == pytest.approx(expected, rel=1e-5)

@@ -8,7 +8,7 @@ __all__ = ['GradientAccumulation', 'TrackerCallback', 'SaveModelCallback', 'chec
            'ReduceLROnPlateau', 'check_same_columns', 'CSVLogger', 'check_image_batch', 'mixup_inputs', 'random_box',
            'cutmix_inputs', 'mix_targets', 'MixHandler', 'MixUp', 'CutMix']
 
-# %% ../nbs/core/10_callbacks.ipynb #d81e2bfa
+# %% ../nbs/core/10_callbacks.ipynb #0bc696b5
 import math
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from .from_fastai import FastaiName
 from .learner import Callback, CancelFitException, LRFinder, ParamScheduler
 from .distributed import rank_distrib, write_on_rank0
 
-# %% ../nbs/core/10_callbacks.ipynb #5e411176
+# %% ../nbs/core/10_callbacks.ipynb #3b182e8d
 class TrackerCallback(Callback):
     "Watches the recorder's `monitor` column and notes at each epoch whether it improved on the best so far."
     order = 60
@@ -92,7 +92,7 @@ class TrackerCallback(Callback):
         "Go on with the best value of an interrupted fit."
         self.best = state["best"]
 
-# %% ../nbs/core/10_callbacks.ipynb #13b747d3
+# %% ../nbs/core/10_callbacks.ipynb #471d3ec0
 class SaveModelCallback(TrackerCallback):
     "Saves the model when `monitor` improves (or every epoch) in checkpoints a fit can resume from; loads the best at the end."
     order = 70
@@ -130,7 +130,7 @@ class SaveModelCallback(TrackerCallback):
         "Whether the file holds this tracker's best: something improved (in this fit, or before it without a reset)."
         return math.isfinite(self.best) and self.file(learn, self.fname).exists()
 
-# %% ../nbs/core/10_callbacks.ipynb #9c33fb27
+# %% ../nbs/core/10_callbacks.ipynb #f9af766f
 def check_patience(patience: int) -> int:
     "`patience`, when it is a number of epochs >= 1; else an error saying what each value does."
     if not patience >= 1:
@@ -181,7 +181,7 @@ class EarlyStoppingCallback(TrackerCallback):
         self.best = state["best"]
         self.wait = state["wait"]
 
-# %% ../nbs/core/10_callbacks.ipynb #6b9a5c4e
+# %% ../nbs/core/10_callbacks.ipynb #e00354ea
 class ReduceLROnPlateau(TrackerCallback):
     "Divides the learning rates by `factor` (down to `min_lr`) when `monitor` has not improved for `patience` epochs."
     order = 62
@@ -189,6 +189,9 @@ class ReduceLROnPlateau(TrackerCallback):
     def __init__(self, monitor: str = "valid_loss", comp=None, min_delta: float = 0., patience: int = 1,
                  factor: float = 10., min_lr: float = 0., reset_on_fit: bool = True):
         super().__init__(monitor, comp, min_delta, reset_on_fit)
+        if not factor > 1:  # PyTorch's and Keras' factor multiplies (0.5: halve); fastai's, and ours, divides
+            raise ValueError(f"factor divides the learning rate and must be > 1, got {factor}: factor=2 halves it "
+                             "(PyTorch's and Keras' factor=0.5), factor=10 divides it by ten.")
         self.patience = check_patience(patience)
         self.factor = factor
         self.min_lr = min_lr
@@ -225,7 +228,7 @@ class ReduceLROnPlateau(TrackerCallback):
         self.best = state["best"]
         self.wait = state["wait"]
 
-# %% ../nbs/core/10_callbacks.ipynb #55f40fc0
+# %% ../nbs/core/10_callbacks.ipynb #ec4d7040
 def _mm_ss(seconds: float) -> str:
     "Minutes and seconds, `mm:ss`."
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
@@ -284,7 +287,7 @@ class CSVLogger(Callback):
         "Go on with the rows of an interrupted fit."
         self.lines = list(state["lines"])
 
-# %% ../nbs/core/10_callbacks.ipynb #63586b11
+# %% ../nbs/core/10_callbacks.ipynb #d9e6b9de
 def check_image_batch(name: str, x: torch.Tensor, min_dims: int):
     "Refuse, saying what to use instead, an input that is not a float batch of pictures `(N, C, H, W)`."
     if not x.is_floating_point():
@@ -302,7 +305,7 @@ def mixup_inputs(xb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     mixed = tuple(torch.lerp(x[shuffle], x, lam) for x in xb)
     return mixed, lam
 
-# %% ../nbs/core/10_callbacks.ipynb #66ddbd5c
+# %% ../nbs/core/10_callbacks.ipynb #4edbea32
 def random_box(height: int, width: int, lam: float) -> tuple:
     "A box of about `1 - lam` of a `height` x `width` picture, centred anywhere, clipped: `(top, left, bottom, right)`."
     side = math.sqrt(1 - lam)
@@ -327,7 +330,7 @@ def cutmix_inputs(xb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     kept = 1 - (bottom - top) * (right - left) / (height * width)
     return (mixed, *xb[1:]), kept
 
-# %% ../nbs/core/10_callbacks.ipynb #0d6f2dab
+# %% ../nbs/core/10_callbacks.ipynb #d5b77783
 def mix_targets(yb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     "Float targets mixed like the inputs; and, when some are class indices, the targets the loss is mixed with (else None)."
     shuffled = tuple(y[shuffle] for y in yb)
@@ -337,7 +340,7 @@ def mix_targets(yb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     other_yb = tuple(y if y.is_floating_point() else other for y, other in zip(mixed, shuffled))
     return mixed, other_yb
 
-# %% ../nbs/core/10_callbacks.ipynb #86019565
+# %% ../nbs/core/10_callbacks.ipynb #106b2fd8
 class MixHandler(Callback):
     "Mixes each training batch with a shuffled copy of itself by `mix_inputs`, `lam ~ Beta(alpha, alpha)`, and the loss to match."
     order = 20  # after ParamScheduler and LRFinder (10); callbacks of a higher order see the mixed batch
@@ -375,6 +378,6 @@ class CutMix(MixHandler):
     def __init__(self, alpha: float = 1.0):
         super().__init__(alpha, cutmix_inputs)
 
-# %% ../nbs/core/10_callbacks.ipynb #cb99355d
+# %% ../nbs/core/10_callbacks.ipynb #ec5dda33
 GradientAccumulation = FastaiName("GradientAccumulation", "Learner(accum=...), counted in batches (fastai's n_acc "
                                   "counts items: accum = n_acc // bs)", "Learner(dls, model, accum=4)")

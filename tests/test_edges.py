@@ -315,3 +315,31 @@ def test_perplexity_counts_the_tokens_the_loss_counts():
         all_losses.append(torch.nn.functional.cross_entropy(preds[0, :n_real], targets[0, :n_real], reduction="none"))
     expected = float(torch.cat(all_losses).mean().exp())
     assert perplexity.value == pytest.approx(expected, rel=1e-5)
+
+
+def test_reduce_lr_on_plateau_refuses_a_factor_that_raises_the_rate(tmp_path):
+    "PyTorch's factor=0.5 means halve; fastai's factor divides, so 0.5 doubled the lr at every plateau, silently."
+    with pytest.raises(ValueError, match="factor=2"):
+        ReduceLROnPlateau(factor=0.5)
+
+
+@pytest.mark.parametrize("metric, message", [("accuracy", "not the string"), (F1Score, r"F1Score\(\)")],
+                         ids=["string", "factory"])
+def test_a_metric_that_is_not_one_is_named(tmp_path, metric, message):
+    "metrics='accuracy' and metrics=[F1Score] failed after a whole epoch with 'str' is not callable / no 'detach'."
+    with pytest.raises(TypeError, match=message):
+        learn = classifier(tmp_path, metrics=[metric])
+        learn.fit(1)
+
+
+def test_a_callback_that_is_not_one_is_named(tmp_path):
+    "cbs=[a function] failed with \"'function' object has no attribute 'order'\"."
+    with pytest.raises(TypeError, match="Callback"):
+        classifier(tmp_path).fit(1, cbs=[lambda learn: None])
+
+
+@pytest.mark.parametrize("n_epoch", [1.5, -1])
+def test_fit_takes_a_whole_number_of_epochs(tmp_path, n_epoch):
+    "fit(1.5) failed inside range(); fit(-1) silently did nothing."
+    with pytest.raises(ValueError, match="whole number of epochs"):
+        classifier(tmp_path).fit(n_epoch)

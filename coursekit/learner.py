@@ -808,6 +808,9 @@ class CallbacksMixin:
         "Add a callback instance; callbacks stay sorted by `order`."
         if isinstance(cb, type):
             raise TypeError(f"Pass a callback instance, e.g. cbs=[{cb.__name__}()], not the class.")
+        if not isinstance(cb, Callback):
+            raise TypeError(f"A callback is an instance of a Callback subclass with methods named after the events it "
+                            f"handles, got {cb!r}: subclass Callback and define e.g. after_epoch(self, learn).")
         self.cbs = sorted([*self.cbs, cb], key=lambda callback: callback.order)
         return cb
 
@@ -1577,6 +1580,8 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
 
     def fit(self, n_epoch: int, lr=None, wd: float | None = None, cbs=None, resume=None):
         "Train for `n_epoch` epochs at `lr` (default `self.lr`); `cbs` only for this fit; `resume`: its checkpoint to go on from."
+        if not isinstance(n_epoch, int) or n_epoch < 0:  # fit(1.5) failed inside range(), fit(-1) did nothing
+            raise ValueError(f"n_epoch must be a whole number of epochs >= 0, got {n_epoch!r}.")
         n_train = len(self.dls.train)
         if n_train == 0:
             raise ValueError("The training DataLoader is empty: check the data, or lower bs (short last batches are dropped).")

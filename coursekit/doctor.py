@@ -10,18 +10,18 @@ __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIP
            'finder_advice', 'difference_noise', 'non_finite_finding', 'divergence_finding', 'oscillation_finding',
            'check_lr_too_high', 'check_lr_too_low', 'metric_direction', 'judged_metric', 'rate_difference_error',
            'items_to_resolve', 'check_underfitting', 'worsening', 'overfitting_sentence', 'worse_once_finding',
-           'metric_overfitting', 'loss_overfitting', 'check_overfitting', 'check_fitting', 'check_lr_choice',
-           'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'looks_healthy', 'healthy_sentence',
-           'check_learning_rate', 'diagnose']
+           'metric_overfitting', 'loss_overfitting', 'check_overfitting', 'check_against_mean', 'check_fitting',
+           'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'looks_healthy',
+           'healthy_sentence', 'check_learning_rate', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #9e57206e
+# %% ../nbs/core/13_doctor.ipynb #ebc5eb85
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #98339df0
+# %% ../nbs/core/13_doctor.ipynb #2d2904b2
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -50,7 +50,8 @@ TITLES = {"no_fit": "No fit yet", "lr_find_only": "Only lr_find so far", "not_fi
           "lr_too_high": "Learning rate too high", "lr_too_low": "Learning rate too low",
           "underfitting": "Under-fitting", "overfitting": "Over-fitting", "valid_loss_rising": "Over-confident",
           "lr_at_minimum": "lr_find read at its minimum", "valid_too_small": "Validation set too small",
-          "gap_resolved": "Validation set large enough", "healthy": "Healthy"}
+          "gap_resolved": "Validation set large enough", "healthy": "Healthy",
+          "no_better_than_mean": "No better than the mean"}
 
 def finding_title(code: str) -> str:
     "The heading a finding's code gets in the report (`cannot_tell_*`: 'Cannot tell')."
@@ -72,7 +73,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #c0226483
+# %% ../nbs/core/13_doctor.ipynb #f990b0d1
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -94,7 +95,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #63524269
+# %% ../nbs/core/13_doctor.ipynb #b8133132
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -180,7 +181,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #8af6f4ba
+# %% ../nbs/core/13_doctor.ipynb #4ddedc34
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -203,7 +204,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #76f9c4f9
+# %% ../nbs/core/13_doctor.ipynb #b1ca0de6
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -212,7 +213,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #94c6341f
+# %% ../nbs/core/13_doctor.ipynb #c5f213e3
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -288,6 +289,20 @@ def check_overfitting(values: list, metric_names: list, n_valid: int | None = No
         return by_metric
     return loss_overfitting(table, None if judged is None else judged[0])
 
+def check_against_mean(history: FitHistory) -> list:
+    "`no_better_than_mean` when the last epoch's R² (an `r2_score` column) is 0 or below: the mean of the targets does as well."
+    columns = [column for column, name in enumerate(history.metric_names) if name.startswith("r2")]
+    if not columns or not history.values:
+        return []
+    r2 = history.values[-1][columns[0]]
+    if not r2 <= 0:  # NaN says nothing
+        return []
+    return [("no_better_than_mean", f"After the last epoch the validation R² is {r2:.3g}: the model predicts no better "
+                                    "than the mean of the targets would (R² 0), so it has learnt nothing useful from the "
+                                    "inputs yet. Check that the inputs carry the signal and are normalised, scale the "
+                                    "targets (or give the model a y_range), and find a learning rate with lr_find; only "
+                                    "then train longer.")]
+
 def check_fitting(history: FitHistory) -> list:
     "Under- and over-fitting from the epoch table, or why the table cannot tell."
     values = [row for row in history.values if len(row) >= 2]
@@ -302,7 +317,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #4fa41d71
+# %% ../nbs/core/13_doctor.ipynb #ddc20617
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -339,9 +354,9 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #ae1da63b
+# %% ../nbs/core/13_doctor.ipynb #d6e44a2c
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
-            "valid_too_small", "not_finished")
+            "valid_too_small", "not_finished", "no_better_than_mean")
 UNSETTLED = ("cannot_tell_progress", "cannot_tell_overfitting")   # neither a problem nor healthy: the doctor cannot tell
 
 def is_finder_run(recorder_lrs: list, finder_lrs: list) -> bool:
@@ -400,7 +415,8 @@ def diagnose(history: FitHistory, finder=None, claimed_gap: float | None = None)
     lr_findings = check_learning_rate(batch_losses, history.lrs, finder)
     findings += lr_findings
     lr_too_high = any(code == "lr_too_high" for code, _ in lr_findings)
-    findings += [FITTING_WAITS] if lr_too_high else check_fitting(history)  # a loss that jumped: the table says nothing
+    fitting = check_fitting(history) + check_against_mean(history)
+    findings += [FITTING_WAITS] if lr_too_high else fitting  # a loss that jumped: the table says nothing
     findings += check_lr_choice(history.lrs, finder)
     if claimed_gap is not None:
         findings += check_claimed_gap(history, claimed_gap)

@@ -343,3 +343,16 @@ def test_fit_takes_a_whole_number_of_epochs(tmp_path, n_epoch):
     "fit(1.5) failed inside range(); fit(-1) silently did nothing."
     with pytest.raises(ValueError, match="whole number of epochs"):
         classifier(tmp_path).fit(n_epoch)
+
+
+def test_doctor_compares_a_regression_with_the_mean():
+    "R² below 0 (worse than predicting the mean): the doctor only said 'under-fitting: train longer or a bigger model'."
+    values = [[81.1, 40.6, -4.54], [22.4, 14.2, -0.93], [14.2, 10.3, -0.40], [12.1, 9.95, -0.36], [10.8, 8.29, -0.13],
+              [10.5, 8.49, -0.16]]
+    history = FitHistory(["train_loss", "valid_loss", "r2_score"], values, noisy(80, 10, noise=1.), [3e-2] * 40)
+    report = diagnose(history)
+    assert "no_better_than_mean" in report.codes
+    assert "healthy" not in report.codes
+    assert "-0.16" in dict(report.findings)["no_better_than_mean"]
+    good = [row[:2] + [0.8] for row in values]
+    assert "no_better_than_mean" not in diagnose(FitHistory(history.metric_names, good, history.losses, history.lrs)).codes

@@ -14,14 +14,14 @@ __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIP
            'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'looks_healthy',
            'healthy_sentence', 'check_learning_rate', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #ebc5eb85
+# %% ../nbs/core/13_doctor.ipynb #275eefeb
 import math
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #2d2904b2
+# %% ../nbs/core/13_doctor.ipynb #3c05bfe9
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -73,7 +73,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #f990b0d1
+# %% ../nbs/core/13_doctor.ipynb #55456793
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -95,7 +95,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #b8133132
+# %% ../nbs/core/13_doctor.ipynb #9243a2ab
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -181,7 +181,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #4ddedc34
+# %% ../nbs/core/13_doctor.ipynb #7de092dd
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -204,7 +204,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #b1ca0de6
+# %% ../nbs/core/13_doctor.ipynb #f8358b3f
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -213,7 +213,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #c5f213e3
+# %% ../nbs/core/13_doctor.ipynb #bc3437a5
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -225,7 +225,10 @@ def check_underfitting(values: list) -> list:
 
 def worsening(series: np.ndarray, direction: int) -> tuple:
     "`(best epoch, how much worse the last epoch is)` for a per-epoch series where `direction` says which way is better."
-    best = int(np.argmax(direction * series))
+    scores = np.where(np.isnan(series), -np.inf, direction * series)  # an epoch whose metric is NaN is never the best
+    best = int(np.argmax(scores))
+    if np.isnan(series[best]) or np.isnan(series[-1]):  # nothing to compare: no worsening claimed
+        return len(series) - 1, 0.
     return best, float(direction * (series[best] - series[-1]))
 
 def overfitting_sentence(name: str, series, best: int, train) -> str:
@@ -317,7 +320,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #ddc20617
+# %% ../nbs/core/13_doctor.ipynb #a6171041
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -354,7 +357,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #d6e44a2c
+# %% ../nbs/core/13_doctor.ipynb #19e49fd5
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished", "no_better_than_mean")
 UNSETTLED = ("cannot_tell_progress", "cannot_tell_overfitting")   # neither a problem nor healthy: the doctor cannot tell

@@ -356,3 +356,14 @@ def test_doctor_compares_a_regression_with_the_mean():
     assert "-0.16" in dict(report.findings)["no_better_than_mean"]
     good = [row[:2] + [0.8] for row in values]
     assert "no_better_than_mean" not in diagnose(FitHistory(history.metric_names, good, history.losses, history.lrs)).codes
+
+
+@pytest.mark.parametrize("metric", ["f1_score", "accuracy"])
+def test_doctor_skips_an_epoch_whose_metric_is_nan(metric):
+    "A NaN metric at epoch 1 then a steady rise was read as 'worsened since epoch 1 (nan -> 0.7)': over-fitting."
+    nan = float("nan")
+    values = [[1.0, 0.9, nan], [0.8, 0.7, 0.5], [0.6, 0.6, 0.6], [0.4, 0.5, 0.7]]
+    report = diagnose(FitHistory(["train_loss", "valid_loss", metric], values, noisy(1.0, 0.4), [1e-2] * 40,
+                                 n_valid=100))
+    assert not {"overfitting", "valid_too_small"} & set(report.codes), report
+    assert "nan" not in repr(report)

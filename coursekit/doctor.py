@@ -11,17 +11,18 @@ __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIP
            'check_lr_too_high', 'check_lr_too_low', 'metric_direction', 'judged_metric', 'rate_difference_error',
            'items_to_resolve', 'check_underfitting', 'worsening', 'overfitting_sentence', 'worse_once_finding',
            'metric_overfitting', 'loss_overfitting', 'check_overfitting', 'check_against_mean', 'check_fitting',
-           'check_lr_choice', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report', 'looks_healthy',
-           'healthy_sentence', 'check_learning_rate', 'diagnose']
+           'check_lr_choice', 'check_gap_value', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report',
+           'looks_healthy', 'healthy_sentence', 'check_learning_rate', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #275eefeb
+# %% ../nbs/core/13_doctor.ipynb #dce6f910
 import math
+import numbers
 from collections import namedtuple
 from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #3c05bfe9
+# %% ../nbs/core/13_doctor.ipynb #5cd0492f
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -73,7 +74,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #55456793
+# %% ../nbs/core/13_doctor.ipynb #bcf48adc
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -95,7 +96,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #9243a2ab
+# %% ../nbs/core/13_doctor.ipynb #7334acf4
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -181,7 +182,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #7de092dd
+# %% ../nbs/core/13_doctor.ipynb #7dec3ec3
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -204,7 +205,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #f8358b3f
+# %% ../nbs/core/13_doctor.ipynb #8e4969b7
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -213,7 +214,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #bc3437a5
+# %% ../nbs/core/13_doctor.ipynb #09723683
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -320,7 +321,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #a6171041
+# %% ../nbs/core/13_doctor.ipynb #56e7421f
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -338,8 +339,21 @@ def check_lr_choice(lrs, finder) -> list:
                               f"was lowest ({finder.lowest:.2g}): there the loss is about to blow up. Take a rate "
                               f"before the minimum: {finder.minimum:.2g} (minimum/10) or {finder.steep:.2g} (steepest).")]
 
+def check_gap_value(claimed_gap) -> float:
+    "`claimed_gap` as a float, when it is a finite difference between two rates (-1 to 1); else an error saying how to write it."
+    if isinstance(claimed_gap, bool) or not isinstance(claimed_gap, numbers.Real):
+        raise TypeError(f"claimed_gap must be a number, a difference in accuracy or error rate such as 0.01, got "
+                        f"{claimed_gap!r}.")
+    if not math.isfinite(claimed_gap):
+        raise ValueError(f"claimed_gap must be a finite difference in accuracy or error rate, got {claimed_gap}.")
+    if abs(claimed_gap) > 1:
+        raise ValueError(f"claimed_gap is a difference between two accuracies or error rates, which are shares from 0 "
+                         f"to 1, got {claimed_gap}: write a difference of 1.5 percentage points as 0.015.")
+    return float(claimed_gap)
+
 def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     "`valid_too_small` or `gap_resolved`: can this validation set tell a difference of `claimed_gap` in the metric?"
+    claimed_gap = check_gap_value(claimed_gap)
     names = [name for name in history.metric_names[2:] if name in RATES]
     if not names or not history.n_valid or not history.values:
         return [("cannot_tell_gap", "The doctor knows the noise of an accuracy or error rate only (binomial), measured "
@@ -357,7 +371,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #19e49fd5
+# %% ../nbs/core/13_doctor.ipynb #6dc8c395
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished", "no_better_than_mean")
 UNSETTLED = ("cannot_tell_progress", "cannot_tell_overfitting")   # neither a problem nor healthy: the doctor cannot tell

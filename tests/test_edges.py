@@ -367,3 +367,13 @@ def test_doctor_skips_an_epoch_whose_metric_is_nan(metric):
                                  n_valid=100))
     assert not {"overfitting", "valid_too_small"} & set(report.codes), report
     assert "nan" not in repr(report)
+
+
+@pytest.mark.parametrize("gap, error, message", [(1.5, ValueError, "0.015"), (float("nan"), ValueError, "finite"),
+                                                 ("0.01", TypeError, "a number")])
+def test_doctor_refuses_a_claimed_gap_it_cannot_mean(gap, error, message):
+    "claimed_gap=1.5 (percentage points meant) was 'resolved'; NaN was 'a zero gap'; '0.01' a raw abs() TypeError."
+    history = FitHistory(["train_loss", "valid_loss", "error_rate"], [[0.6, 0.5, 0.3], [0.5, 0.45, 0.25]],
+                         noisy(0.7, 0.5), [1e-2] * 40, n_valid=60)
+    with pytest.raises(error, match=message):
+        diagnose(history, claimed_gap=gap)

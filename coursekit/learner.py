@@ -11,7 +11,7 @@ __all__ = ['EVENTS', 'BN_TYPES', 'AMP_DTYPES', 'INTEGER_DTYPES', 'TrainingDefaul
            'Recorder', 'FitProgress', 'ProgressCallback', 'rounded_floats', 'ParamScheduler', 'loss_at', 'minimum',
            'log_slopes', 'steep', 'valley', 'LRFinder', 'NonFiniteLossError', 'describe_lrs', 'has_non_finite',
            'norm_buffers', 'check_validation_set', 'single_class_vocab', 'TrainingGuard', 'run_validation',
-           'CallbacksMixin', 'ParamGroupsMixin', 'device_defaults', 'is_convolutional', 'bf16_native',
+           'callback_list', 'CallbacksMixin', 'ParamGroupsMixin', 'device_defaults', 'is_convolutional', 'bf16_native',
            'learner_defaults', 'fused_adam', 'is_image_batch', 'to_memory_format', 'set_cudnn_benchmark',
            'PrecisionMixin', 'CompileMixin', 'activate_preds', 'decode_preds', 'per_item_losses', 'PredictionCollector',
            'PredictionMixin', 'PersistenceMixin', 'settings_differences', 'stateful_callbacks', 'ResumeMixin',
@@ -802,6 +802,16 @@ def run_validation(learn, dl, collect=None):
         cb.after_validate(learn)
 
 # %% ../nbs/core/06_learner.ipynb #abd7839d
+def callback_list(cbs) -> list:
+    "`cbs` as a list: None is none, one callback is a list of one (fastai's `cbs=SaveModelCallback()`), a list stays."
+    if cbs is None:
+        return []
+    if isinstance(cbs, Callback):
+        return [cbs]
+    if not isinstance(cbs, (list, tuple)):
+        raise TypeError(f"cbs is a callback or a list of callbacks, e.g. cbs=[SaveModelCallback()], got {cbs!r}.")
+    return list(cbs)
+
 class CallbacksMixin:
     "A learner's callbacks `self.cbs`, sorted by `order`: `add_cb`, `remove_cb`, `no_bar`, `show_loop`."
     def add_cb(self, cb: Callback) -> Callback:
@@ -1570,7 +1580,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
         self.dl = None
         self.recorder = Recorder()
         self.cbs = []
-        for cb in [self.recorder, ProgressCallback(), TrainingGuard(), *(cbs or [])]:
+        for cb in [self.recorder, ProgressCallback(), TrainingGuard(), *callback_list(cbs)]:
             self.add_cb(cb)
 
     @property
@@ -1591,7 +1601,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
         self.set_hyper("wd", (self.wd if wd is None else wd) or 0.)
         self.n_epoch = n_epoch
         self.finished = False
-        extra = [self.add_cb(cb) for cb in (cbs or [])]
+        extra = [self.add_cb(cb) for cb in callback_list(cbs)]
         benchmark_before = set_cudnn_benchmark(self.cudnn_benchmark)
         try:
             for cb in self.cbs:
@@ -1679,7 +1689,7 @@ class Learner(CallbacksMixin, ParamGroupsMixin, PrecisionMixin, CompileMixin, Pr
         lr_schedule, mom_schedule = one_cycle_schedules(lr_max, pct_start=pct_start, div=div, div_final=div_final,
                                                         moms=moms or self.moms)
         scheduler = ParamScheduler({"lr": lr_schedule, "mom": mom_schedule})
-        self.fit(n_epoch, wd=wd, cbs=[scheduler, *(cbs or [])], resume=resume)
+        self.fit(n_epoch, wd=wd, cbs=[scheduler, *callback_list(cbs)], resume=resume)
 
     @renamed_keywords(max_lr="base_lr", callbacks="cbs")
     def fine_tune(self, epochs: int, base_lr: float = 2e-3, freeze_epochs: int = 1, lr_mult: float = 100,

@@ -377,3 +377,14 @@ def test_doctor_refuses_a_claimed_gap_it_cannot_mean(gap, error, message):
                          noisy(0.7, 0.5), [1e-2] * 40, n_valid=60)
     with pytest.raises(error, match=message):
         diagnose(history, claimed_gap=gap)
+
+
+def test_a_single_callback_works_where_a_list_does(tmp_path):
+    "fastai's spelling fit_one_cycle(n, cbs=SaveModelCallback()) failed: 'Value after * must be an iterable'."
+    learn = classifier(tmp_path, cbs=CSVLogger())
+    silently(learn.fit_one_cycle, 1, cbs=SaveModelCallback())
+    silently(learn.fit, 1, cbs=EarlyStoppingCallback())
+    silently(learn.fine_tune, 1, cbs=SaveModelCallback(fname="tuned"))
+    assert (tmp_path / "history.csv").exists() and (tmp_path / "models" / "tuned.pth").exists()
+    with pytest.raises(TypeError, match="a list of callbacks"):
+        learn.fit(1, cbs="SaveModelCallback")

@@ -8,7 +8,7 @@ __all__ = ['GradientAccumulation', 'TrackerCallback', 'SaveModelCallback', 'chec
            'ReduceLROnPlateau', 'check_same_columns', 'CSVLogger', 'check_image_batch', 'mixup_inputs', 'random_box',
            'cutmix_inputs', 'mix_targets', 'MixHandler', 'MixUp', 'CutMix']
 
-# %% ../nbs/core/10_callbacks.ipynb #0bc696b5
+# %% ../nbs/core/10_callbacks.ipynb #76b21ac0
 import math
 import time
 from pathlib import Path
@@ -23,7 +23,7 @@ from .from_fastai import FastaiName
 from .learner import Callback, CancelFitException, LRFinder, ParamScheduler
 from .distributed import rank_distrib, write_on_rank0
 
-# %% ../nbs/core/10_callbacks.ipynb #3b182e8d
+# %% ../nbs/core/10_callbacks.ipynb #d9ce7ed7
 class TrackerCallback(Callback):
     "Watches the recorder's `monitor` column and notes at each epoch whether it improved on the best so far."
     order = 60
@@ -92,7 +92,7 @@ class TrackerCallback(Callback):
         "Go on with the best value of an interrupted fit."
         self.best = state["best"]
 
-# %% ../nbs/core/10_callbacks.ipynb #471d3ec0
+# %% ../nbs/core/10_callbacks.ipynb #a3461b0f
 class SaveModelCallback(TrackerCallback):
     "Saves the model when `monitor` improves (or every epoch) in checkpoints a fit can resume from; loads the best at the end."
     order = 70
@@ -130,7 +130,7 @@ class SaveModelCallback(TrackerCallback):
         "Whether the file holds this tracker's best: something improved (in this fit, or before it without a reset)."
         return math.isfinite(self.best) and self.file(learn, self.fname).exists()
 
-# %% ../nbs/core/10_callbacks.ipynb #f9af766f
+# %% ../nbs/core/10_callbacks.ipynb #caaa1038
 def check_patience(patience: int) -> int:
     "`patience`, when it is a number of epochs >= 1; else an error saying what each value does."
     if not patience >= 1:
@@ -181,7 +181,7 @@ class EarlyStoppingCallback(TrackerCallback):
         self.best = state["best"]
         self.wait = state["wait"]
 
-# %% ../nbs/core/10_callbacks.ipynb #e00354ea
+# %% ../nbs/core/10_callbacks.ipynb #03485c8a
 class ReduceLROnPlateau(TrackerCallback):
     "Divides the learning rates by `factor` (down to `min_lr`) when `monitor` has not improved for `patience` epochs."
     order = 62
@@ -228,19 +228,18 @@ class ReduceLROnPlateau(TrackerCallback):
         self.best = state["best"]
         self.wait = state["wait"]
 
-# %% ../nbs/core/10_callbacks.ipynb #ec4d7040
+# %% ../nbs/core/10_callbacks.ipynb #6cca7b86
 def _mm_ss(seconds: float) -> str:
     "Minutes and seconds, `mm:ss`."
     return f"{int(seconds // 60):02d}:{int(seconds % 60):02d}"
 
-def check_same_columns(path: Path, first_lines: list, header: str):
-    "Refuse to append rows with columns `header` to the CSV `path` whose header (`first_lines`) differs."
-    if first_lines == [header]:
+def check_same_columns(path: Path, first_line: str, header: str):
+    "Refuse to append rows with columns `header` to the CSV `path` whose header (`first_line`) differs."
+    if first_line == header:
         return
-    found = first_lines[0] if first_lines else "nothing (an empty file)"
     raise ValueError(f"CSVLogger(append=True) cannot add rows with the columns {header} to {path}, whose first line is "
-                     f"{found}: the columns would not line up. Log this fit to another file (CSVLogger(fname=...)) or "
-                     "start the file anew (append=False replaces it).")
+                     f"{first_line}: the columns would not line up. Log this fit to another file (CSVLogger(fname=...)) "
+                     "or start the file anew (append=False replaces it).")
 
 class CSVLogger(Callback):
     "Writes the epoch, losses, metrics and time of each epoch to `learn.path/fname` as CSV, atomically, as it goes."
@@ -255,11 +254,10 @@ class CSVLogger(Callback):
     def before_fit(self, learn):
         self.path = learn.path / self.fname
         header = ",".join(["epoch", *learn.recorder.metric_names, "time"])
-        if self.append and self.path.is_file():
-            self.lines = self.path.read_text().splitlines()
-            check_same_columns(self.path, self.lines[:1], header)
-        else:
-            self.lines = [header]
+        existing = self.path.read_text().splitlines() if self.append and self.path.is_file() else []
+        if existing:  # an empty file gets a header, as a new one does
+            check_same_columns(self.path, existing[0], header)
+        self.lines = existing or [header]
         self._write()
 
     def before_epoch(self, learn):
@@ -287,7 +285,7 @@ class CSVLogger(Callback):
         "Go on with the rows of an interrupted fit."
         self.lines = list(state["lines"])
 
-# %% ../nbs/core/10_callbacks.ipynb #d9e6b9de
+# %% ../nbs/core/10_callbacks.ipynb #29981bdb
 def check_image_batch(name: str, x: torch.Tensor, min_dims: int):
     "Refuse, saying what to use instead, an input that is not a float batch of pictures `(N, C, H, W)`."
     if not x.is_floating_point():
@@ -305,7 +303,7 @@ def mixup_inputs(xb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     mixed = tuple(torch.lerp(x[shuffle], x, lam) for x in xb)
     return mixed, lam
 
-# %% ../nbs/core/10_callbacks.ipynb #4edbea32
+# %% ../nbs/core/10_callbacks.ipynb #9ba5b1a0
 def random_box(height: int, width: int, lam: float) -> tuple:
     "A box of about `1 - lam` of a `height` x `width` picture, centred anywhere, clipped: `(top, left, bottom, right)`."
     side = math.sqrt(1 - lam)
@@ -330,7 +328,7 @@ def cutmix_inputs(xb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     kept = 1 - (bottom - top) * (right - left) / (height * width)
     return (mixed, *xb[1:]), kept
 
-# %% ../nbs/core/10_callbacks.ipynb #d5b77783
+# %% ../nbs/core/10_callbacks.ipynb #5cc9de91
 def mix_targets(yb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     "Float targets mixed like the inputs; and, when some are class indices, the targets the loss is mixed with (else None)."
     shuffled = tuple(y[shuffle] for y in yb)
@@ -340,7 +338,7 @@ def mix_targets(yb: tuple, shuffle: torch.Tensor, lam: float) -> tuple:
     other_yb = tuple(y if y.is_floating_point() else other for y, other in zip(mixed, shuffled))
     return mixed, other_yb
 
-# %% ../nbs/core/10_callbacks.ipynb #106b2fd8
+# %% ../nbs/core/10_callbacks.ipynb #cbcb8b89
 class MixHandler(Callback):
     "Mixes each training batch with a shuffled copy of itself by `mix_inputs`, `lam ~ Beta(alpha, alpha)`, and the loss to match."
     order = 20  # after ParamScheduler and LRFinder (10); callbacks of a higher order see the mixed batch
@@ -378,6 +376,6 @@ class CutMix(MixHandler):
     def __init__(self, alpha: float = 1.0):
         super().__init__(alpha, cutmix_inputs)
 
-# %% ../nbs/core/10_callbacks.ipynb #ec5dda33
+# %% ../nbs/core/10_callbacks.ipynb #9930315c
 GradientAccumulation = FastaiName("GradientAccumulation", "Learner(accum=...), counted in batches (fastai's n_acc "
                                   "counts items: accum = n_acc // bs)", "Learner(dls, model, accum=4)")

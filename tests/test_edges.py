@@ -7,6 +7,7 @@ import os
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -388,3 +389,13 @@ def test_a_single_callback_works_where_a_list_does(tmp_path):
     assert (tmp_path / "history.csv").exists() and (tmp_path / "models" / "tuned.pth").exists()
     with pytest.raises(TypeError, match="a list of callbacks"):
         learn.fit(1, cbs="SaveModelCallback")
+
+
+def test_csv_logger_appends_to_an_empty_file_with_a_header(tmp_path):
+    "append=True onto an empty file (touched beforehand) wrote rows without a header: pandas took row 0 for it."
+    (tmp_path / "history.csv").touch()
+    learn = classifier(tmp_path)
+    silently(learn.fit, 1, cbs=[CSVLogger(append=True)])
+    log = pd.read_csv(tmp_path / "history.csv")
+    assert list(log.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert len(log) == 1

@@ -14,7 +14,7 @@ __all__ = ['Finding', 'TITLES', 'LossWindows', 'OSCILLATION_RISE', 'NOISE_MULTIP
            'check_lr_choice', 'check_gap_value', 'check_claimed_gap', 'is_finder_run', 'lr_find_only_report',
            'looks_healthy', 'healthy_sentence', 'check_learning_rate', 'diagnose']
 
-# %% ../nbs/core/13_doctor.ipynb #dce6f910
+# %% ../nbs/core/13_doctor.ipynb #1face361
 import math
 import numbers
 from collections import namedtuple
@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# %% ../nbs/core/13_doctor.ipynb #5cd0492f
+# %% ../nbs/core/13_doctor.ipynb #c329ed6e
 @dataclass
 class FitHistory:
     "The recorder of one fit as plain numbers: the epoch table, each batch's smoothed loss and lr, the validation size."
@@ -74,7 +74,7 @@ class DoctorReport:
     def _repr_markdown_(self) -> str:
         return "\n".join(f"- **{finding_title(code)}**: {sentence}" for code, sentence in self.findings)
 
-# %% ../nbs/core/13_doctor.ipynb #bcf48adc
+# %% ../nbs/core/13_doctor.ipynb #1c7a5fcf
 def unsmoothed(losses, beta: float = 0.98) -> np.ndarray:
     "Each batch's loss, from the recorder's smoothed ones: its debiased moving average with `beta` undone exactly."
     smoothed = np.asarray(losses, dtype=float)
@@ -96,7 +96,7 @@ def loss_windows(batch_losses, n_windows: int = 10) -> LossWindows:
     spread = float(np.median(stretches.std(axis=1, ddof=1)))
     return LossWindows(stretches.mean(axis=1), spread / math.sqrt(size), size)
 
-# %% ../nbs/core/13_doctor.ipynb #7334acf4
+# %% ../nbs/core/13_doctor.ipynb #8e8eb92e
 OSCILLATION_RISE = 0.5   # a climb of more than half the lowest level so far...
 NOISE_MULTIPLE = 3.      # ...and of more than 3 standard errors of a difference: the loss oscillates
 BARELY_MOVES = 0.2       # less than a fifth lower at the end than at the start: the loss barely moves
@@ -182,7 +182,7 @@ def check_lr_too_low(batch_losses, lrs, finder=None) -> list:
                                      "this fit, it has learnt what it can at this stage; if not, the rate is far too "
                                      "low or far too high: learn.lr_find() shows which.")]
 
-# %% ../nbs/core/13_doctor.ipynb #7dec3ec3
+# %% ../nbs/core/13_doctor.ipynb #0b5cd9e5
 LOWER_IS_BETTER = ("error", "loss", "mae", "mse", "perplexity")
 HIGHER_IS_BETTER = ("accuracy", "f1", "fbeta", "precision", "recall", "roc_auc", "r2", "dice", "iou", "jaccard")
 RATES = ("accuracy", "error_rate")   # a share of items: its noise is binomial
@@ -205,7 +205,7 @@ def judged_metric(metric_names: list) -> tuple | None:
             return name, column, direction
     return None
 
-# %% ../nbs/core/13_doctor.ipynb #8e4969b7
+# %% ../nbs/core/13_doctor.ipynb #e4b51f7e
 def rate_difference_error(p: float, n: int) -> float:
     "Standard error of the difference between two accuracies (or error rates) near `p`, each measured on `n` items."
     return math.sqrt(2 * p * (1 - p) / n)
@@ -214,7 +214,7 @@ def items_to_resolve(p: float, difference: float) -> int:
     "Validation items needed for `difference` to be two standard errors of a difference, at a rate near `p`."
     return math.ceil(round(8 * p * (1 - p) / difference ** 2, 6))  # round first: 1800.0000000002 is 1800
 
-# %% ../nbs/core/13_doctor.ipynb #09723683
+# %% ../nbs/core/13_doctor.ipynb #719877e9
 def check_underfitting(values: list) -> list:
     "`underfitting` when the last epoch's training loss is above its validation loss."
     train_loss, valid_loss = values[-1][0], values[-1][1]
@@ -321,7 +321,7 @@ def check_fitting(history: FitHistory) -> list:
                                                    "validation metric worsening across epochs, so one epoch cannot show it.")]
     return findings + check_overfitting(values, history.metric_names, history.n_valid)
 
-# %% ../nbs/core/13_doctor.ipynb #56e7421f
+# %% ../nbs/core/13_doctor.ipynb #5daedab0
 def check_lr_choice(lrs, finder) -> list:
     "`lr_at_minimum` when the fit's peak lr is near or past the finder's lowest loss; `cannot_tell_lr_choice` without one."
     if finder is None:
@@ -371,7 +371,7 @@ def check_claimed_gap(history: FitHistory, claimed_gap: float) -> list:
     return [("valid_too_small", f"This validation set cannot tell the difference claimed from chance: {detail}; "
                                 f"{need}.")]
 
-# %% ../nbs/core/13_doctor.ipynb #6dc8c395
+# %% ../nbs/core/13_doctor.ipynb #f5a5d871
 PROBLEMS = ("lr_too_high", "lr_too_low", "underfitting", "overfitting", "valid_loss_rising", "lr_at_minimum",
             "valid_too_small", "not_finished", "no_better_than_mean")
 UNSETTLED = ("cannot_tell_progress", "cannot_tell_overfitting")   # neither a problem nor healthy: the doctor cannot tell
@@ -421,6 +421,10 @@ FITTING_WAITS = ("cannot_tell_fitting", "Under- and over-fitting cannot be judge
 
 def diagnose(history: FitHistory, finder=None, claimed_gap: float | None = None) -> DoctorReport:
     "The course's rules of thumb applied to one fit's `history` (and `lr_find`'s `FinderResult`, or why it has none)."
+    if not history.values and not history.losses and not history.finished:
+        return DoctorReport([("not_finished", "The last fit stopped (an error or an interruption) before it recorded "
+                                              "a single batch: there is nothing to read. Fix what stopped it, train "
+                                              "again, then ask the doctor.")])
     if not history.values and not history.losses:
         return DoctorReport([("no_fit", "Nothing to read yet: no fit has run on this learner. Train it "
                                         "(learn.fit_one_cycle(...)), then ask the doctor.")])

@@ -399,3 +399,18 @@ def test_csv_logger_appends_to_an_empty_file_with_a_header(tmp_path):
     log = pd.read_csv(tmp_path / "history.csv")
     assert list(log.columns) == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
     assert len(log) == 1
+
+
+def test_doctor_after_a_fit_that_failed_at_once(tmp_path):
+    "A fit that raised at its first batch left the doctor saying 'no fit has run on this learner' after an earlier fit."
+    learn = classifier(tmp_path)
+    silently(learn.fit, 1)
+
+    class FailAtOnce(Callback):
+        def before_batch(self, learn):
+            raise RuntimeError("a bad batch")
+    with pytest.raises(RuntimeError):
+        learn.fit(1, cbs=[FailAtOnce()])
+    report = learn.doctor()
+    assert report.codes == ["not_finished"]
+    assert "no fit has run" not in repr(report)

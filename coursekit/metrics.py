@@ -18,7 +18,11 @@ import torch
 def accuracy(preds, targs, axis: int = -1):
     "Fraction of items whose highest-scoring class (along `axis`) is the target."
     predicted = preds.argmax(dim=axis)
-    return (predicted == targs).float().mean()
+    if predicted.numel() != targs.numel():  # one-hot or multi-label targets: one value per class
+        raise ValueError(f"accuracy needs one class index per prediction: got predictions of shape {tuple(preds.shape)} "
+                         f"(classes along axis {axis}) and targets of shape {tuple(targs.shape)}. Targets with one "
+                         "value per class (one-hot or multi-label) need accuracy_multi.")
+    return (predicted.reshape(-1) == targs.reshape(-1)).float().mean()  # flat: (N, 1) targets must not broadcast
 
 def error_rate(preds, targs, axis: int = -1):
     "Fraction of items whose highest-scoring class is wrong: `1 - accuracy`."

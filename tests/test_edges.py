@@ -414,3 +414,13 @@ def test_doctor_after_a_fit_that_failed_at_once(tmp_path):
     report = learn.doctor()
     assert report.codes == ["not_finished"]
     assert "no fit has run" not in repr(report)
+
+
+def test_accuracy_with_targets_of_shape_n_by_1(tmp_path):
+    "A Dataset returning tensor([label]) gives (N, 1) targets: accuracy broadcast to (N, N) and showed 0.57 for 0.97."
+    preds = torch.tensor([[2., 0.], [0., 2.], [2., 0.], [0., 2.]])
+    targets = torch.tensor([[0], [1], [0], [1]])
+    assert float(accuracy(preds, targets)) == 1.0
+    assert float(error_rate(preds, targets)) == 0.0
+    with pytest.raises(ValueError, match="accuracy_multi"):
+        accuracy(torch.randn(5, 3), torch.eye(3)[[0, 1, 2, 0, 1]])  # one-hot targets

@@ -1109,6 +1109,9 @@ class PersistenceMixin:
         file = self.path / self.model_dir / f"{name}.pth"
         state = read_checkpoint(file, self.device)
         check_weights_fit(self.model, state["model"], file)  # before anything changes
+        if with_opt and "opt" not in state:  # fastai warns too: the optimizer keeps the state it had
+            warnings.warn(f"{file} holds no optimizer state (it was saved with with_opt=False): the weights are loaded "
+                          "and the optimizer keeps its own state. Pass with_opt=False to say that is what you want.")
         if with_opt and "opt" in state:
             if self.opt is None:
                 self.create_opt()

@@ -5,6 +5,7 @@ import io
 import operator
 import os
 import sys
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -424,3 +425,15 @@ def test_accuracy_with_targets_of_shape_n_by_1(tmp_path):
     assert float(error_rate(preds, targets)) == 0.0
     with pytest.raises(ValueError, match="accuracy_multi"):
         accuracy(torch.randn(5, 3), torch.eye(3)[[0, 1, 2, 0, 1]])  # one-hot targets
+
+
+def test_load_says_when_the_file_has_no_optimizer_state(tmp_path):
+    "learn.load(name) (with_opt=True) from a weights-only file kept the optimizer's old state without a word."
+    learn = classifier(tmp_path)
+    silently(learn.fit, 1)
+    learn.save("weights_only", with_opt=False)
+    with pytest.warns(UserWarning, match="no optimizer state"):
+        learn.load("weights_only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        learn.load("weights_only", with_opt=False)

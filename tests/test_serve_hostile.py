@@ -293,3 +293,23 @@ def test_a_wrong_method_or_path_is_a_json_error_naming_the_routes(client, method
 
 def test_the_405_still_says_which_methods_are_allowed(client):
     assert client.get("/predict").headers["allow"] == "POST"
+
+
+NOT_IMAGES = {"empty.jpg": (b"", "is empty"),
+              "page.jpg": (b"<html><body>Not found</body></html>", "is not an image that PIL or torchvision recognises"),
+              "drawing.svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+                              "is not an image that PIL or torchvision recognises")}
+
+
+@pytest.mark.parametrize("name", list(NOT_IMAGES))
+def test_predict_on_a_file_that_is_no_image_says_so_as_the_server_does(client, learn, name, tmp_path):
+    "On main `learn.predict` led with torchvision's C++ source line ('Unsupported image file. Only jpeg, png, webp and gif')."
+    content, message = NOT_IMAGES[name]
+    file = tmp_path / name
+    file.write_bytes(content)
+    with pytest.raises(RuntimeError) as info:
+        learn.predict(file)
+    assert str(info.value).startswith(f"The file {file} {message}"), str(info.value)
+    response = client.post("/predict", files={"file": (name, content)})
+    error = response.json()["error"]
+    assert response.status_code in (400, 415) and ("empty" in error or "not an image" in error), error

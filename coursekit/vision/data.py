@@ -185,6 +185,12 @@ def _torchvision_decodes(im: Image.Image) -> bool:
     "True for the files torchvision.io decodes right (the fast path): opaque 8/16-bit JPEG and PNG."
     return im.mode in _TORCHVISION_MODES.get(im.format, ()) and "transparency" not in im.info
 
+def _not_an_image(path, err: Exception) -> RuntimeError:
+    "The error for a file that neither PIL nor torchvision reads (empty, text, HTML, SVG, ...), with torchvision's words."
+    what = "is empty" if Path(path).stat().st_size == 0 else "is not an image that PIL or torchvision recognises"
+    return RuntimeError(f"The file {path} {what}: it is damaged, or not a photo at all (coursekit reads JPEG, PNG, WEBP, "
+                        f"GIF, BMP, TIFF and the other formats PIL opens). torchvision said: {str(err).splitlines()[0]}")
+
 def _decode_file(path, max_pixels) -> torch.Tensor:
     "Decode the image file at `path` upright: torchvision for opaque JPEG/PNG, PIL for every other mode and format."
     if not Path(path).is_file():
@@ -196,6 +202,8 @@ def _decode_file(path, max_pixels) -> torch.Tensor:
             return tensor_from_pil(ImageOps.exif_transpose(im))
         pixels = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
     except (RuntimeError, ValueError, OSError, SyntaxError) as err:
+        if im is None:   # PIL could not identify it either
+            raise _add_decode_note(_not_an_image(path, err), path) from err
         raise _add_decode_note(err, path)
     finally:
         if im is not None:

@@ -246,11 +246,11 @@ def test_a_real_server_cuts_off_a_body_that_stops_half_way(learn):
     "Through uvicorn: a client sends half its declared body and waits; the server answers 408 and goes on serving."
     body = FORM_HEAD + mirror_photos()[0].read_bytes() + b"\r\n--xyz--\r\n"
     head = (f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=xyz\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
     with BackgroundServer(ModelServer(learn, max_seconds=1).app) as server:
         with socket.create_connection((server.host, server.port), timeout=20) as stalled:
             stalled.sendall(head + body[:len(body) // 2])
-            reply = stalled.recv(4096)
+            reply = b"".join(iter(lambda: stalled.recv(4096), b""))   # until the server closes the connection
         assert reply.startswith(b"HTTP/1.1 408"), reply
         assert b"within this server's limit" in reply
         assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"

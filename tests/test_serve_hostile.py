@@ -15,8 +15,10 @@ import asyncio
 import io
 import json
 import socket
+import struct
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -156,20 +158,20 @@ def test_at_most_max_decoding_uploads_are_decoded_at_once(learn, monkeypatch):
     busy = []
     running = [0]
     lock = threading.Lock()
-    load_image = serving.load_image
+    decode_upload = serving.decode_upload
 
-    def slow_load_image(image):
+    def slow_decode_upload(*args):
         with lock:
             running[0] += 1
             busy.append(running[0])
         time.sleep(0.2)
         try:
-            return load_image(image)
+            return decode_upload(*args)
         finally:
             with lock:
                 running[0] -= 1
 
-    monkeypatch.setattr(serving, "load_image", slow_load_image)
+    monkeypatch.setattr(serving, "decode_upload", slow_decode_upload)
     upload = saved(photo(), format="PNG")
     with BackgroundServer(ModelServer(learn).app) as server:   # max_decoding=2 by default
         def ask(_):
@@ -313,3 +315,26 @@ def test_predict_on_a_file_that_is_no_image_says_so_as_the_server_does(client, l
     response = client.post("/predict", files={"file": (name, content)})
     error = response.json()["error"]
     assert response.status_code in (400, 415) and ("empty" in error or "not an image" in error), error
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_chunk_bomb(kind: bytes) -> bytes:
+    "A small photo as PNG with a compressed text (zTXt) or colour profile (iCCP) chunk that inflates to 200 MB."
+    png = saved(photo().resize((64, 48)), format="PNG")
+    bomb = png_chunk(kind, b"k\0\0" + zlib.compress(b"\0" * 200_000_000, 9))
+    return png[:33] + bomb + png[33:]   # after the 8-byte signature and the 25-byte IHDR chunk
+
+
+@pytest.mark.parametrize("kind", [b"zTXt", b"iCCP"])
+def test_a_png_with_a_chunk_bomb_gets_the_answer_of_predict_on_the_file(client, learn, kind, tmp_path):
+    "On main PIL's text-chunk limit made the server answer 400 'damaged or cut short' where learn.predict decodes the pixels."
+    data = png_with_chunk_bomb(kind)
+    assert len(data) < 300_000
+    response = client.post("/predict", files={"file": ("bomb.png", data)})
+    assert response.status_code == 200, response.text
+    file = tmp_path / "bomb.png"
+    file.write_bytes(data)
+    assert_same_answer(response.json(), learn, file)

@@ -6,13 +6,14 @@
 # %% auto #0
 __all__ = ['IMAGE_SUFFIXES', 'MAX_IMAGE_PIXELS', 'EXIF_ORIENTATION', 'PILImage', 'PILImageBW', 'MAX_COVER_RATIO',
            'imagenet_stats', 'get_image_files', 'tensor_from_pil', 'ImageTooLargeError', 'check_image_size',
-           'load_image', 'open_image', 'load_mask', 'can_decode', 'orient', 'jpeg_orientation', 'decode_jpegs',
-           'load_images', 'MaskToLong', 'to_grey', 'ImageBlock', 'MaskBlock', 'Resize', 'RandomResizedCrop',
-           'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms', 'pixels_to_points', 'points_to_pixels',
-           'PointScaler', 'PointBlock', 'Normalize', 'channel_stats', 'NameLabeller', 'keep_decodable',
-           'check_name_pattern', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
+           'load_image_bytes', 'load_image', 'open_image', 'load_mask', 'can_decode', 'orient', 'jpeg_orientation',
+           'decode_jpegs', 'load_images', 'MaskToLong', 'to_grey', 'ImageBlock', 'MaskBlock', 'Resize',
+           'RandomResizedCrop', 'sampling_grid', 'AffineAugment', 'Lighting', 'aug_transforms', 'pixels_to_points',
+           'points_to_pixels', 'PointScaler', 'PointBlock', 'Normalize', 'channel_stats', 'NameLabeller',
+           'keep_decodable', 'check_name_pattern', 'resolve_fnames', 'ImageDataLoaders', 'SegmentationDataLoaders']
 
 # %% ../../nbs/lessons/01_pets_data.ipynb #d3120907
+import io
 import math
 import re
 import warnings
@@ -185,30 +186,39 @@ def _torchvision_decodes(im: Image.Image) -> bool:
     "True for the files torchvision.io decodes right (the fast path): opaque 8/16-bit JPEG and PNG."
     return im.mode in _TORCHVISION_MODES.get(im.format, ()) and "transparency" not in im.info
 
-def _not_an_image(path, err: Exception) -> RuntimeError:
+def _not_an_image(path, err: Exception, empty: bool) -> RuntimeError:
     "The error for a file that neither PIL nor torchvision reads (empty, text, HTML, SVG, ...), with torchvision's words."
-    what = "is empty" if Path(path).stat().st_size == 0 else "is not an image that PIL or torchvision recognises"
+    what = "is empty" if empty else "is not an image that PIL or torchvision recognises"
     return RuntimeError(f"The file {path} {what}: it is damaged, or not a photo at all (coursekit reads JPEG, PNG, WEBP, "
                         f"GIF, BMP, TIFF and the other formats PIL opens). torchvision said: {str(err).splitlines()[0]}")
+
+def _decode(im: Image.Image | None, read_bytes: Callable, path, empty: bool) -> torch.Tensor:
+    "Decode upright: torchvision (the bytes from `read_bytes()`) for opaque JPEG/PNG, PIL (`im`, opened) for the rest."
+    try:
+        if im is not None and not _torchvision_decodes(im):
+            return tensor_from_pil(ImageOps.exif_transpose(im))
+        pixels = decode_image(read_bytes(), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+    except (RuntimeError, ValueError, OSError, SyntaxError) as err:
+        if im is None:   # PIL could not identify it either
+            raise _add_decode_note(_not_an_image(path, err, empty), path) from err
+        raise _add_decode_note(err, path)
+    finally:
+        if im is not None:
+            im.close()
+    return _to_uint8(pixels)
 
 def _decode_file(path, max_pixels) -> torch.Tensor:
     "Decode the image file at `path` upright: torchvision for opaque JPEG/PNG, PIL for every other mode and format."
     if not Path(path).is_file():
         raise FileNotFoundError(f"There is no image file at {path}: check the path (an image is read from a path to a "
                                 "file, a PIL image, an array or a tensor).")
-    im = _open_checked(path, max_pixels)
-    try:
-        if im is not None and not _torchvision_decodes(im):
-            return tensor_from_pil(ImageOps.exif_transpose(im))
-        pixels = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError, OSError, SyntaxError) as err:
-        if im is None:   # PIL could not identify it either
-            raise _add_decode_note(_not_an_image(path, err), path) from err
-        raise _add_decode_note(err, path)
-    finally:
-        if im is not None:
-            im.close()
-    return _to_uint8(pixels)
+    empty = Path(path).stat().st_size == 0
+    return _decode(_open_checked(path, max_pixels), lambda: read_file(str(path)), path, empty)
+
+def load_image_bytes(data: bytes, max_pixels: int | None | str = "default", name: str = "<bytes>") -> torch.Tensor:
+    "An image file's bytes, decoded exactly as `load_image` decodes the file (RGB uint8 (3, H, W), upright); errors say `name`."
+    im = _open_checked(io.BytesIO(data), max_pixels)
+    return _decode(im, lambda: torch.frombuffer(bytearray(data), dtype=torch.uint8), name, empty=not data)
 
 def load_image(o, max_pixels: int | None | str = "default") -> torch.Tensor:
     "An RGB image as uint8 (3, H, W), the right way up: from a file (at most `max_pixels`), PIL image, array or tensor."

@@ -6,8 +6,8 @@ and `GET /health`, with the requests that arrive together run as one batch."""
 # %% auto #0
 __all__ = ['MAX_UPLOAD_BYTES', 'MAX_UPLOAD_SECONDS', 'UPLOAD_FIELD', 'IMAGE_FORMATS', 'HOW_TO_SEND', 'UPLOAD_PAGE',
            'DEFAULT_HOST', 'UploadError', 'multipart_boundary', 'MultipartParts', 'too_large', 'upload_field',
-           'next_chunk', 'read_upload', 'decode_upload', 'prediction_record', 'check_servable', 'presize',
-           'predict_images', 'BatchPredictor', 'fail_requests', 'ModelServer', 'serve', 'BackgroundServer']
+           'next_chunk', 'read_upload', 'check_format', 'decode_upload', 'prediction_record', 'check_servable',
+           'presize', 'predict_images', 'BatchPredictor', 'fail_requests', 'ModelServer', 'serve', 'BackgroundServer']
 
 # %% ../../nbs/lessons/01c_production_lib.ipynb #da5aecea
 import asyncio
@@ -28,7 +28,8 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Route
 
 from ..learner import Learner, load_learner
-from .data import MAX_IMAGE_PIXELS, ImageTooLargeError, check_image_size, load_image
+from .data import MAX_IMAGE_PIXELS, ImageTooLargeError, check_image_size, load_image_bytes
+
 
 # %% ../../nbs/lessons/01c_production_lib.ipynb #063f2a2c
 MAX_UPLOAD_BYTES = 10_000_000
@@ -154,6 +155,16 @@ async def read_upload(request: Request, max_bytes: int = MAX_UPLOAD_BYTES, field
     return upload_field(form.finish(), field)
 
 # %% ../../nbs/lessons/01c_production_lib.ipynb #7d01be43
+def check_format(data: bytes):
+    "An `UploadError` (415) unless one of PIL's readers for `IMAGE_FORMATS` recognises `data` (it may fail later)."
+    try:
+        Image.open(io.BytesIO(data), formats=IMAGE_FORMATS).close()
+    except UnidentifiedImageError as err:
+        raise UploadError(f"The uploaded file is not an image in a format this server reads "
+                          f"({', '.join(IMAGE_FORMATS)}): {HOW_TO_SEND}.", 415) from err
+    except (OSError, SyntaxError, ValueError):
+        return  # recognised, then refused (e.g. a PNG text chunk over PIL's limit): load_image_bytes decides, as for a file
+
 def decode_upload(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> torch.Tensor:
     "Uploaded bytes as the RGB uint8 (3, H, W) image `load_image` gives for the same file; an `UploadError` otherwise."
     if not data:
@@ -163,15 +174,12 @@ def decode_upload(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tor
     except ImageTooLargeError as err:
         raise UploadError(f"The image declares more than this server's limit of {max_pixels:,} pixels (a possible "
                           "decompression bomb): send a smaller photo.", 413) from err
+    check_format(data)
     try:
-        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
-            return load_image(im)
-    except UnidentifiedImageError as err:
-        raise UploadError(f"The uploaded file is not an image in a format this server reads "
-                          f"({', '.join(IMAGE_FORMATS)}): {HOW_TO_SEND}.", 415) from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise UploadError(f"The uploaded image could not be decoded ({err}): it may be damaged or cut short.",
-                          400) from err
+        return load_image_bytes(data, max_pixels, name="the upload")
+    except (RuntimeError, OSError, SyntaxError, ValueError) as err:
+        raise UploadError(f"The uploaded image could not be decoded ({str(err).splitlines()[0]}): it may be damaged "
+                          "or cut short.", 400) from err
 
 # %% ../../nbs/lessons/01c_production_lib.ipynb #0d530318
 def prediction_record(label, probs: torch.Tensor, vocab, top_k: int = 5) -> dict:

@@ -338,3 +338,18 @@ def test_a_png_with_a_chunk_bomb_gets_the_answer_of_predict_on_the_file(client, 
     file = tmp_path / "bomb.png"
     file.write_bytes(data)
     assert_same_answer(response.json(), learn, file)
+
+
+def test_serve_passes_the_upload_deadline_and_decoding_limit_to_the_app(learn, monkeypatch, tmp_path):
+    made = []
+
+    class RecordedServer(ModelServer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(serving, "ModelServer", RecordedServer)
+    monkeypatch.setattr(serving.uvicorn, "run", lambda app, **kwargs: None)
+    model = learn.export(tmp_path / "model.ck")
+    serving.serve(model, max_seconds=7, max_decoding=3)
+    assert (made[0].max_seconds, made[0].max_decoding) == (7, 3)

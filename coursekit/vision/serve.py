@@ -435,10 +435,11 @@ class ModelServer:
 DEFAULT_HOST = "127.0.0.1"
 
 def serve(model, host: str = DEFAULT_HOST, port: int = 8000, max_bytes: int = MAX_UPLOAD_BYTES,
-          max_batch: int = 16, max_wait: float = 0.005):
+          max_batch: int = 16, max_wait: float = 0.005, max_seconds: float = MAX_UPLOAD_SECONDS, max_decoding: int = 2):
     "Load the export `model` on the CPU (never unpickled) and serve it at http://host:port until stopped."
     learn = load_learner(model, device="cpu")
-    server = ModelServer(learn, max_bytes=max_bytes, max_batch=max_batch, max_wait=max_wait)
+    server = ModelServer(learn, max_bytes=max_bytes, max_batch=max_batch, max_wait=max_wait, max_seconds=max_seconds,
+                         max_decoding=max_decoding)
     print(f"Serving {model} ({len(learn.dls.vocab)} classes) at http://{host}:{port}/ (Ctrl-C stops it)")
     uvicorn.run(server.app, host=host, port=port, log_level="info")
 

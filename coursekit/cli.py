@@ -142,6 +142,10 @@ def add_serve_parser(sub):
                        help="largest upload accepted, in bytes (default 10000000); larger ones get 413")
     serve.add_argument("--max-batch", type=int, default=16,
                        help="most requests run together in one batch (default 16)")
+    serve.add_argument("--max-seconds", type=float, default=60,
+                       help="time a client has to send its whole upload, in seconds (default 60); slower ones get 408")
+    serve.add_argument("--max-decoding", type=int, default=2,
+                       help="most uploads decoded at once (default 2; a large image can take a GB while decoding)")
     return serve
 
 def run_serve(args):
@@ -152,7 +156,8 @@ def run_serve(args):
         sys.exit(2)
     serving = importlib.import_module(SERVE_MODULE)
     try:
-        serving.serve(args.model, host=args.host, port=args.port, max_bytes=args.max_bytes, max_batch=args.max_batch)
+        serving.serve(args.model, host=args.host, port=args.port, max_bytes=args.max_bytes, max_batch=args.max_batch,
+                      max_seconds=args.max_seconds, max_decoding=args.max_decoding)
     except (ValueError, RuntimeError, OSError) as err:  # a damaged export, a model that is not a classifier
         print(f"coursekit serve: {args.model}: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(2)
